@@ -1,0 +1,185 @@
+"""Topology: the strict, validated description of a disagg deployment.
+
+A topology is loaded once (``load_topology``) and then travels to every actor as a pydantic
+model. Unknown fields and bad values fail at load with the field's dotted path and what
+would be valid (``TopologyError``), never later inside an actor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Dtype = Literal["bfloat16", "float16", "float32", "auto"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class EngineArgs(_Strict):
+    """vLLM engine arguments shared by every instance (prefill and decode must agree)."""
+
+    dtype: Dtype = Field("bfloat16", description="Model and KV cache dtype.")
+    max_model_len: Annotated[int, Field(gt=0)] = Field(
+        4096, description="Longest prompt plus completion, in tokens."
+    )
+    kv_cache_gib: Annotated[float, Field(gt=0)] = Field(
+        2.0, description="KV cache size per instance in GiB (VLLM_CPU_KVCACHE_SPACE on CPU)."
+    )
+    block_size: Annotated[int, Field(gt=0, multiple_of=16)] | None = Field(
+        None, description="KV block size in tokens; None lets vLLM choose (128 on CPU)."
+    )
+    max_num_seqs: Annotated[int, Field(gt=0)] = Field(
+        64, description="Most requests an engine runs at once."
+    )
+    max_num_batched_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Token budget of one engine step; None keeps vLLM's default."
+    )
+    enable_prefix_caching: bool = Field(True, description="vLLM's own prefix cache.")
+    seed: int = Field(0, description="Engine seed.")
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="Further vLLM api_server flags, passed verbatim (e.g. ['--enforce-eager']).",
+    )
+
+
+class Resources(_Strict):
+    """What one replica of a pool gets from Ray."""
+
+    num_cpus: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="CPU cores per replica; on CPU-only nodes they also run the model."
+    )
+    num_gpus: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="GPUs per replica; must equal tensor_parallel_size when > 0."
+    )
+    memory_gib: Annotated[float, Field(ge=0)] = Field(0.0, description="Ray memory reservation.")
+
+
+class Pool(_Strict):
+    """A pool of identical vLLM instances with one role."""
+
+    replicas: Annotated[int, Field(ge=0, le=64)] = Field(1, description="Number of instances.")
+    tensor_parallel_size: Annotated[int, Field(ge=1, le=16)] = Field(
+        1, description="Tensor-parallel size of each instance."
+    )
+    resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _gpus_match_tp(self) -> Pool:
+        gpus = self.resources.num_gpus
+        if gpus and gpus != self.tensor_parallel_size:
+            raise ValueError(
+                f"resources.num_gpus ({gpus}) must equal tensor_parallel_size "
+                f"({self.tensor_parallel_size}) or be 0 for CPU instances"
+            )
+        return self
+
+
+class TransferConfig(_Strict):
+    """KV transfer between instances (NIXL data plane, ZMQ control plane)."""
+
+    backends: list[Literal["UCX", "LIBFABRIC", "GDS", "POSIX"]] = Field(
+        default_factory=lambda: ["UCX"], min_length=1, description="NIXL backends, in order."
+    )
+    handshake_timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
+        10.0, description="Longest wait for a peer's handshake reply."
+    )
+    transfer_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        30.0, description="A pull not done by then fails; the decoder recomputes."
+    )
+    lease_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        60.0, description="A prefill frees blocks no decoder pulled within this time."
+    )
+    base_port: Annotated[int, Field(ge=1024, le=65000)] = Field(
+        0, description="First side-channel port (each instance takes the next); 0 picks free ports."
+    )
+
+
+class SchedulerConfig(_Strict):
+    """How the gateway pairs a prefill and a decode instance for each request."""
+
+    prefill_policy: Literal["round_robin", "least_loaded"] = Field(
+        "least_loaded", description="Policy choosing the prefill instance."
+    )
+    decode_policy: Literal["round_robin", "least_loaded"] = Field(
+        "least_loaded", description="Policy choosing the decode instance."
+    )
+    min_prefill_tokens: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="Prompts shorter than this (in tokens, estimated) skip the prefill hop.",
+    )
+
+
+class ApiConfig(_Strict):
+    """The OpenAI-compatible gateway."""
+
+    host: str = Field("127.0.0.1", description="Address the gateway binds.")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(8000, description="0 picks a free port.")
+    api_key: str | None = Field(None, description="Bearer token clients must send, if set.")
+    served_model_name: str | None = Field(
+        None, description="Model name clients use; defaults to the model's folder name."
+    )
+    request_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        600.0, description="Longest a client request may take end to end."
+    )
+
+
+class Topology(_Strict):
+    """A whole deployment: model, engines, pools, transfer, scheduler and API."""
+
+    model: str = Field(
+        "tiny", description="A built-in model name (tiny, small) or a local HF-format folder."
+    )
+    engine: EngineArgs = Field(default_factory=EngineArgs)
+    prefill: Pool = Field(default_factory=Pool)
+    decode: Pool = Field(default_factory=Pool)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+
+    @model_validator(mode="after")
+    def _needs_a_decoder(self) -> Topology:
+        if self.decode.replicas < 1:
+            raise ValueError("decode.replicas must be at least 1: decoders answer every request")
+        return self
+
+
+class TopologyError(ValueError):
+    """A topology that cannot be loaded; the message names each bad field and the fix."""
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid topology {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown field; remove it or check its spelling")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_topology(data: dict[str, Any] | None, source: str = "<dict>") -> Topology:
+    """Validate a plain mapping (from YAML or code); raise TopologyError naming bad fields."""
+    try:
+        return Topology.model_validate(data or {})
+    except ValidationError as err:
+        raise TopologyError(_describe(err, source)) from None
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Load and validate a topology YAML file; raise TopologyError on any problem."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise TopologyError(f"cannot read topology {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"topology {path} is not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise TopologyError(f"topology {path} must be a mapping of fields, got {type(data).__name__}")
+    return parse_topology(data, str(path))

