@@ -1,0 +1,135 @@
+"""DisaggConnector: our vLLM KV connector (pull mode over NIXL, ZMQ control plane).
+
+Register it with::
+
+    --kv-transfer-config '{"kv_connector": "DisaggConnector",
+                           "kv_connector_module_path": "disagg.transfer.connector",
+                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"disagg": {...ConnectorSettings}}}'
+
+vLLM builds one instance per process and role; this class only routes each call to the
+scheduler-side (``DisaggScheduler``) or worker-side (``DisaggWorker``) object.
+Nothing is saved layer by layer: a prefill simply keeps its blocks until they are pulled,
+so ``save_kv_layer``/``wait_for_layer_load``/``wait_for_save`` have nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+from disagg.transfer.metadata import DisaggMetadata
+from disagg.transfer.protocol import Compat
+from disagg.transfer.scheduler_side import DisaggScheduler
+from disagg.transfer.settings import ConnectorSettings
+from disagg.transfer.stats import DisaggPromMetrics, TransferStats
+from disagg.transfer.worker import DisaggWorker
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class DisaggConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        kvt = vllm_config.kv_transfer_config
+        self.settings = ConnectorSettings.from_extra(kvt.kv_connector_extra_config)
+        self.engine_id = str(kvt.engine_id)
+        self._num_blocks = kv_cache_config.num_blocks if kv_cache_config else 0
+        self.scheduler: DisaggScheduler | None = None
+        self.worker: DisaggWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = DisaggScheduler(
+                self.settings, self.engine_id, vllm_config.cache_config.block_size
+            )
+
+    # ---- scheduler side -------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
+        return self.scheduler.num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        self.scheduler.after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler.build_meta()
+
+    def request_finished(self, request: Request, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)
+
+    # ---- worker side ----------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        tensors = list(kv_caches.values())
+        num_blocks = self._num_blocks or tensors[0].shape[0]
+        cfg = self._vllm_config
+        from disagg.transfer.layout import planes_of
+
+        compat = Compat(
+            model=self.settings.model_name or str(cfg.model_config.model),
+            dtype=str(tensors[0].dtype).removeprefix("torch."),
+            block_size=cfg.cache_config.block_size,
+            num_layers=len(tensors),
+            plane_bytes=[p.block_bytes for t in tensors for p in planes_of(t, num_blocks)],
+            tp_size=cfg.parallel_config.tensor_parallel_size,
+        )
+        self.worker = DisaggWorker(
+            self.settings, self.engine_id, get_tensor_model_parallel_rank(), compat
+        )
+        self.worker.register(kv_caches, num_blocks)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, DisaggMetadata)
+        self.worker.start(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads finish before the request is scheduled (async mode)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return None  # pull mode: the decoder reads our blocks in place
+
+    def wait_for_save(self) -> None:
+        return None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        if self.worker is None:
+            return set(), set()
+        return self.worker.finished()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.load_errors() if self.worker else set()
+
+    def get_kv_connector_stats(self) -> TransferStats | None:
+        return self.worker.take_stats() if self.worker else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> TransferStats:
+        return TransferStats(data=dict(data)) if data else TransferStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames,
+                           per_engine_labelvalues) -> DisaggPromMetrics:
+        return DisaggPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None

@@ -1,0 +1,127 @@
+"""A worker's NIXL endpoint: one agent, its registered KV planes, and block reads from peers.
+
+This is the whole data path of a KV pull, used by the connector and by
+``benchmarks/transfer.py`` alike. NIXL's progress thread is off: an idle agent with it on
+spins a core (BRIEF §3); progress is driven by our own polls (``poll``, ``notifications``),
+which the engine makes once per step while transfers are pending.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from disagg.transfer.layout import Plane, coalesce, descriptors, planes_of, storage_regions
+from disagg.transfer.protocol import HandshakeReply, PlaneInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    agent_name: str
+    planes: tuple[Plane, ...]
+
+
+@dataclass(slots=True)
+class Read:
+    """An in-flight READ: its NIXL handle and what it moves."""
+
+    handle: object
+    num_bytes: int
+    num_descriptors: int
+
+
+class KVEndpoint:
+    """Registers local KV memory with NIXL and reads block ranges from peers."""
+
+    def __init__(
+        self,
+        name: str,
+        kv_caches: Sequence[torch.Tensor],
+        num_blocks: int,
+        backends: Sequence[str] = ("UCX",),
+    ):
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.name = name
+        cfg = nixl_agent_config(enable_prog_thread=False, backends=list(backends))
+        self.agent = nixl_agent(name, cfg)
+        self.planes: list[Plane] = [p for t in kv_caches for p in planes_of(t, num_blocks)]
+        self.mem_type = "VRAM" if kv_caches[0].is_cuda else "DRAM"
+        regions = [(*r, "") for r in storage_regions(kv_caches)]
+        self._reg = self.agent.register_memory(regions, self.mem_type)
+        self._peers: dict[str, Peer] = {}
+
+    def metadata(self) -> bytes:
+        return self.agent.get_agent_metadata()
+
+    def plane_infos(self) -> list[PlaneInfo]:
+        return [PlaneInfo(base=p.base, block_stride=p.block_stride,
+                          block_bytes=p.block_bytes, device_id=p.device_id)
+                for p in self.planes]
+
+    def add_peer(self, engine_id: str, reply: HandshakeReply) -> Peer:
+        """Load a peer's NIXL metadata; idempotent per engine id."""
+        if engine_id not in self._peers:
+            name = self.agent.add_remote_agent(reply.agent_metadata)
+            planes = tuple(Plane(p.base, p.block_stride, p.block_bytes, p.device_id)
+                           for p in reply.planes)
+            if len(planes) != len(self.planes):
+                raise ValueError(f"peer has {len(planes)} KV planes, we have {len(self.planes)}")
+            self._peers[engine_id] = Peer(name, planes)
+        return self._peers[engine_id]
+
+    def peer(self, engine_id: str) -> Peer | None:
+        return self._peers.get(engine_id)
+
+    def forget_peer(self, engine_id: str) -> None:
+        """Drop a peer (it restarted or failed): the next pull handshakes again."""
+        peer = self._peers.pop(engine_id, None)
+        if peer is not None:
+            try:
+                self.agent.remove_remote_agent(peer.agent_name)
+            except Exception as exc:
+                logger.debug("remove_remote_agent(%s): %s", peer.agent_name, exc)
+
+    def start_read(
+        self, peer: Peer, local_ids: Sequence[int], remote_ids: Sequence[int], notif: bytes
+    ) -> Read:
+        """Start a READ of ``remote_ids`` into ``local_ids``; the peer gets ``notif`` when done."""
+        runs = coalesce(local_ids, remote_ids)
+        local = descriptors(self.planes, runs, "local")
+        remote = descriptors(peer.planes, runs, "remote")
+        handle = self.agent.initialize_xfer(
+            "READ",
+            self.agent.get_xfer_descs(np.array(local, dtype=np.uint64), self.mem_type),
+            self.agent.get_xfer_descs(np.array(remote, dtype=np.uint64), self.mem_type),
+            peer.agent_name,
+            notif,
+        )
+        state = self.agent.transfer(handle)
+        if state == "ERR":
+            self.agent.release_xfer_handle(handle)
+            raise RuntimeError("NIXL refused to post the READ")
+        return Read(handle, sum(d[1] for d in local), len(local))
+
+    def poll(self, read: Read) -> str:
+        """'DONE', 'PROC' or 'ERR'; a finished handle (DONE or ERR) is released."""
+        state = self.agent.check_xfer_state(read.handle)
+        if state != "PROC":
+            self.agent.release_xfer_handle(read.handle)
+        return state
+
+    def notifications(self) -> list[bytes]:
+        """Messages that peers' completed READs carried since the last call."""
+        return [m for msgs in self.agent.get_new_notifs().values() for m in msgs]
+
+    def close(self) -> None:
+        for engine_id in list(self._peers):
+            self.forget_peer(engine_id)
+        try:
+            self.agent.deregister_memory(self._reg)
+        except Exception as exc:
+            logger.debug("deregister_memory: %s", exc)

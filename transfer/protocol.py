@@ -1,0 +1,121 @@
+"""Typed, versioned messages that cross process boundaries in the transfer layer.
+
+Control plane (ZMQ, between a decoder's worker and a prefill's worker):
+
+    decoder                                 prefill side channel (ROUTER)
+      HandshakeRequest(version, compat) -->
+                                        <-- HandshakeReply(agent metadata, planes) | Error
+      AbortNotice(request ids)          -->  (blocks freed early: the decoder gave up)
+
+Data plane: NIXL READs of block ranges named by ``KVTransferParams.block_ids``; the READ's
+notification carries the prefill-side request id, which frees its blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", strict=True, frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
+    )
+
+
+class PlaneInfo(_Msg):
+    base: int
+    block_stride: int
+    block_bytes: int
+    device_id: int = 0
+
+
+class Compat(_Msg):
+    """Everything that must match for one side's KV bytes to be valid on the other."""
+
+    model: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    plane_bytes: list[int] = Field(description="block_bytes of each plane, layer by layer")
+    tp_size: int = 1
+
+    def mismatch(self, other: Compat) -> str | None:
+        """Name the first field that differs, or None when the two are compatible."""
+        for name in type(self).model_fields:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name}: ours={mine!r} peer={theirs!r}"
+        return None
+
+
+class HandshakeRequest(_Msg):
+    kind: Literal["handshake"] = "handshake"
+    version: int = PROTOCOL_VERSION
+    engine_id: str
+    compat: Compat
+
+
+class HandshakeReply(_Msg):
+    kind: Literal["handshake_ok"] = "handshake_ok"
+    version: int = PROTOCOL_VERSION
+    engine_id: str
+    agent_name: str
+    agent_metadata: bytes
+    planes: list[PlaneInfo] = Field(description="every plane of every layer, in order")
+
+
+class AbortNotice(_Msg):
+    """The decoder will not read these requests' blocks: free them now."""
+
+    kind: Literal["abort"] = "abort"
+    version: int = PROTOCOL_VERSION
+    request_ids: list[str]
+
+
+class ErrorReply(_Msg):
+    kind: Literal["error"] = "error"
+    version: int = PROTOCOL_VERSION
+    message: str
+
+
+class KVTransferParams(_Msg):
+    """What a prefill instance returns with its one token and a decoder receives.
+
+    Travels through the gateway inside the OpenAI request/response as
+    ``kv_transfer_params`` (a JSON object), hence ``strict=False`` on parse.
+    """
+
+    do_remote_prefill: bool = True
+    do_remote_decode: bool = False
+    remote_engine_id: str
+    remote_request_id: str
+    remote_host: str
+    remote_port: int
+    remote_block_ids: list[int]
+    remote_num_tokens: int
+    protocol_version: int = PROTOCOL_VERSION
+
+    @classmethod
+    def parse(cls, data: dict) -> KVTransferParams:
+        """Validate our fields; keys vLLM itself adds on the way (e.g. cached-token counts)
+        are annotations, not ours to reject."""
+        ours = {k: v for k, v in data.items() if k in cls.model_fields}
+        return cls.model_validate(ours, strict=False)
+
+
+def decode_message(raw: bytes) -> HandshakeRequest | AbortNotice:
+    """Parse a request arriving at a side channel; raise ValueError if it is not one."""
+    import json
+
+    try:
+        kind = json.loads(raw).get("kind")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"not a JSON object: {exc}") from None
+    model = {"handshake": HandshakeRequest, "abort": AbortNotice}.get(kind)
+    if model is None:
+        raise ValueError(f"unknown message kind {kind!r}")
+    return model.model_validate_json(raw)

@@ -1,0 +1,75 @@
+"""Connector counters, carried from workers to vLLM's Prometheus endpoint.
+
+Workers accumulate ``TransferStats``; vLLM collects them each step
+(``get_kv_connector_stats``), aggregates across workers, and calls ``DisaggPromMetrics
+.observe`` in the API server process, where they appear on the instance's ``/metrics`` as
+``vllm:disagg_*`` counters. Counters, not logs, are what tests assert on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+from vllm.v1.metrics.utils import create_metric_per_engine
+
+# name -> help; every field is a monotonically increasing count summed across workers.
+COUNTERS: dict[str, str] = {
+    "kv_bytes_received": "KV bytes pulled from prefill instances over NIXL.",
+    "kv_blocks_received": "KV blocks pulled from prefill instances.",
+    "kv_transfers_received": "Completed KV pulls (requests).",
+    "kv_transfer_seconds": "Seconds spent in KV pulls, start to completion.",
+    "kv_descriptors": "NIXL descriptors issued for KV pulls (after coalescing).",
+    "kv_transfer_failures": "KV pulls that failed or timed out (the decoder recomputed).",
+    "kv_handshakes": "Completed side-channel handshakes with prefill workers.",
+    "kv_sends_completed": "Prefill requests whose blocks a decoder read (notified).",
+    "kv_sends_aborted": "Prefill requests freed early by a decoder's abort notice.",
+    "kv_sends_expired": "Prefill requests whose blocks were freed when their lease expired.",
+}
+
+
+@dataclass
+class TransferStats(KVConnectorStats):
+    data: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+
+    def add(self, name: str, value: float = 1) -> None:
+        self.data[name] = self.data.get(name, 0) + value
+
+    def reset(self) -> None:
+        self.data = dict.fromkeys(COUNTERS, 0)
+
+    def aggregate(self, other: KVConnectorStats) -> TransferStats:
+        for k, v in other.data.items():
+            self.add(k, v)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: v for k, v in self.data.items() if v}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class DisaggPromMetrics(KVConnectorPromMetrics):
+    """Registers one ``vllm:disagg_<name>`` counter per entry of ``COUNTERS``."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            name: create_metric_per_engine(
+                self._counter_cls(
+                    name=f"vllm:disagg_{name}", documentation=doc, labelnames=labelnames
+                ),
+                per_engine_labelvalues,
+            )
+            for name, doc in COUNTERS.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            if value and name in self._counters:
+                self._counters[name][engine_idx].inc(value)
