@@ -27,8 +27,8 @@ class EngineArgs(_Strict):
     max_model_len: Annotated[int, Field(gt=0)] = Field(
         4096, description="Longest prompt plus completion, in tokens."
     )
-    kv_cache_gib: Annotated[float, Field(gt=0)] = Field(
-        2.0, description="KV cache size per instance in GiB (VLLM_CPU_KVCACHE_SPACE on CPU)."
+    kv_cache_gib: Annotated[int, Field(ge=1, le=1024)] = Field(
+        2, description="KV cache size per instance in whole GiB (VLLM_CPU_KVCACHE_SPACE on CPU)."
     )
     block_size: Annotated[int, Field(gt=0, multiple_of=16)] | None = Field(
         None, description="KV block size in tokens; None lets vLLM choose (128 on CPU)."
@@ -40,6 +40,9 @@ class EngineArgs(_Strict):
         None, description="Token budget of one engine step; None keeps vLLM's default."
     )
     enable_prefix_caching: bool = Field(True, description="vLLM's own prefix cache.")
+    enforce_eager: bool = Field(
+        False, description="Skip torch.compile: faster start-up, slower steps."
+    )
     seed: int = Field(0, description="Engine seed.")
     extra_args: list[str] = Field(
         default_factory=list,
@@ -94,9 +97,18 @@ class TransferConfig(_Strict):
     lease_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         60.0, description="A prefill frees blocks no decoder pulled within this time."
     )
-    base_port: Annotated[int, Field(ge=1024, le=65000)] = Field(
-        0, description="First side-channel port (each instance takes the next); 0 picks free ports."
+    base_port: Annotated[int, Field(ge=0, le=65000)] = Field(
+        0,
+        description="First side-channel port; instance k (and TP rank r) takes base_port + "
+        "its offset + r. 0 picks free ports on each node.",
     )
+
+    @model_validator(mode="after")
+    def _port_range(self) -> TransferConfig:
+        if 0 < self.base_port < 1024:
+            raise ValueError(f"base_port must be 0 (pick free ports) or >= 1024, "
+                             f"got {self.base_port}")
+        return self
 
 
 class SchedulerConfig(_Strict):
@@ -107,10 +119,6 @@ class SchedulerConfig(_Strict):
     )
     decode_policy: Literal["round_robin", "least_loaded"] = Field(
         "least_loaded", description="Policy choosing the decode instance."
-    )
-    min_prefill_tokens: Annotated[int, Field(ge=0)] = Field(
-        0,
-        description="Prompts shorter than this (in tokens, estimated) skip the prefill hop.",
     )
 
 

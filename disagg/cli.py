@@ -1,0 +1,79 @@
+"""The ``disagg`` command line: serve, model prepare, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from disagg.launch.api import launch
+    from disagg.launch.topology import TopologyError, load_topology, parse_topology
+
+    try:
+        topo = load_topology(args.topology) if args.topology else parse_topology({})
+    except TopologyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Until serving starts, SIGTERM interrupts like Ctrl-C (launch() cleans up what it began).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        dep = launch(topo, address=args.address, port=args.port)
+    except KeyboardInterrupt:
+        return 130
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        print(f"disagg: serving {dep.served_model_name!r} at {dep.url}", flush=True)
+        for inst in dep.status()["instances"]:
+            print(f"  {inst['key']:<10} {inst['engine_id']:<22} {inst['url']}", flush=True)
+        stop.wait()
+    finally:
+        print("disagg: shutting down", flush=True)
+        dep.shutdown()
+    return 0
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from disagg.models import cli_prepare
+
+    return cli_prepare(args.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="disagg", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a topology (default: built-in tiny model, 1P1D)")
+    s.add_argument("topology", nargs="?", help="topology YAML (default: embedded 1P1D)")
+    s.add_argument("--port", type=int, default=None, help="gateway port (overrides api.port)")
+    s.add_argument("--address", default=None, help="Ray cluster to join (default: "
+                   "the job's cluster under `ray job submit`, else a local one)")
+    s.set_defaults(func=_serve)
+    m = sub.add_parser("model", help="built-in models")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    mp = msub.add_parser("prepare", help="build a built-in model; prints its path last")
+    mp.add_argument("name")
+    mp.set_defaults(func=_model_prepare)
+    try:
+        from disagg.bench.cli import add_parser as add_bench
+    except ImportError:  # the benchmark extras may be absent
+        add_bench = None
+    if add_bench is not None:
+        add_bench(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""OpenAI-compatible gateway: validates, pairs a prefill with a decode, and relays.
+
+    client -> POST /v1/(chat/)completions
+      1. auth, JSON, model, max_tokens checks            (4xx, OpenAI error body)
+      2. decode = decode policy; prefill = prefill policy (or none: local prefill)
+      3. prefill: same body, max_tokens=1, stream=false, kv_transfer_params.do_remote_decode
+         - 4xx: the client's fault (e.g. prompt too long): returned as is
+         - 5xx, refused, timeout: counted, and the decoder prefills locally instead
+      4. decode: original body + the prefill's kv_transfer_params, streamed back verbatim
+
+The client never sees a prefill fault; a decode that fails before answering is retried once
+on another decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from disagg.errors import APIError
+from disagg.metrics import GatewayMetrics
+from disagg.pool import InstancePool, Member
+from disagg.scheduler.base import Policy, RequestInfo
+
+logger = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, pool: InstancePool, metrics: GatewayMetrics, prefill_policy: Policy,
+                 decode_policy: Policy, served_model_name: str, max_model_len: int,
+                 api_key: str | None = None, request_timeout_s: float = 600.0):
+        self.pool, self.metrics = pool, metrics
+        self.prefill_policy, self.decode_policy = prefill_policy, decode_policy
+        self.model, self.max_model_len = served_model_name, max_model_len
+        self.api_key = api_key
+        self._timeout = httpx.Timeout(request_timeout_s, connect=5.0)
+        self._client: httpx.AsyncClient | None = None
+        self.app = self._build_app()
+
+    # ---- app --------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+            self._client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+            await self.pool.start()
+            yield
+            await self.pool.close()
+            await self._client.aclose()
+
+        app = FastAPI(title="disagg", lifespan=lifespan)
+        app.exception_handler(APIError)(lambda _req, exc: exc.response())
+        app.get("/health")(self.health)
+        app.get("/metrics")(self.prometheus)
+        app.get("/v1/models")(self.models)
+        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        return app
+
+    async def health(self) -> Response:
+        ok = bool(self.pool.available("decode"))
+        return JSONResponse({"status": "ok" if ok else "no healthy decode instance"},
+                            status_code=200 if ok else 503)
+
+    async def prometheus(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model, "object": "model", "created": 0, "owned_by": "disagg",
+            "root": self.model, "max_model_len": self.max_model_len}]})
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, "/v1/completions")
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, "/v1/chat/completions")
+
+    # ---- validation -------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                           code="invalid_api_key")
+
+    async def _parse(self, request: Request, path: str) -> dict[str, Any]:
+        self._authorize(request)
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        if body.get("model") != self.model:
+            if "model" not in body:
+                raise APIError(400, "missing required field 'model'", param="model")
+            raise APIError(404, f"model {body['model']!r} does not exist; this server serves "
+                           f"{self.model!r}", param="model", code="model_not_found")
+        field = "prompt" if path == "/v1/completions" else "messages"
+        if field not in body:
+            raise APIError(400, f"missing required field {field!r}", param=field)
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise APIError(400, f"{name} must be a positive integer, got {value!r}",
+                               param=name)
+        if not isinstance(body.get("stream", False), bool):
+            raise APIError(400, "stream must be a boolean", param="stream")
+        return body
+
+    # ---- serving ----------------------------------------------------------------------------
+    async def _serve(self, request: Request, path: str) -> Response:
+        start = time.perf_counter()
+        try:
+            body = await self._parse(request, path)
+            rid = f"disagg-{uuid.uuid4().hex[:16]}"
+            info = RequestInfo(rid, headers=dict(request.headers))
+            kv_params = await self._prefill(path, body, info)
+            response = await self._decode(path, body, kv_params, info, start)
+        except APIError as exc:
+            self.metrics.requests.labels(path, str(exc.status)).inc()
+            return exc.response()
+        return response
+
+    def _pick(self, role: str, info: RequestInfo, exclude: set[str] = frozenset()) -> Member:
+        members = [m for m in self.pool.available(role) if m.key not in exclude]
+        if not members:
+            raise APIError(503, f"no healthy {role} instance", code="no_instance")
+        policy = self.prefill_policy if role == "prefill" else self.decode_policy
+        chosen = policy.choose([m.candidate for m in members], info)
+        return next(m for m in members if m.candidate is chosen)
+
+    async def _prefill(self, path: str, body: dict, info: RequestInfo) -> dict | None:
+        """Run the prefill hop; None means the decoder prefills locally."""
+        if not self.pool.available("prefill"):
+            self.metrics.decisions.labels("local", "no_prefill_instance").inc()
+            return None
+        member = self._pick("prefill", info)
+        pbody = {**body, "max_tokens": 1, "stream": False,
+                 "kv_transfer_params": {"do_remote_decode": True}}
+        for key in ("stream_options", "min_tokens"):
+            pbody.pop(key, None)
+        if "max_completion_tokens" in pbody:
+            pbody["max_completion_tokens"] = 1
+        t0 = time.perf_counter()
+        member.candidate.inflight += 1
+        self.metrics.routed.labels("prefill", member.key).inc()
+        try:
+            resp = await self._client.post(member.info.url + path, json=pbody,
+                                           headers={"X-Request-Id": info.request_id})
+        except httpx.HTTPError as exc:
+            return self._prefill_failed(member, info, f"{type(exc).__name__}: {exc}")
+        finally:
+            member.candidate.inflight -= 1
+        self.metrics.prefill_hop.observe(time.perf_counter() - t0)
+        if 400 <= resp.status_code < 500:
+            raise _upstream_error(resp)
+        if resp.status_code != 200:
+            return self._prefill_failed(member, info, f"HTTP {resp.status_code}")
+        params = resp.json().get("kv_transfer_params")
+        if not params:
+            return self._prefill_failed(member, info, "no kv_transfer_params in the answer")
+        self.metrics.decisions.labels("remote", "prefill_pool").inc()
+        return params
+
+    def _prefill_failed(self, member: Member, info: RequestInfo, why: str) -> None:
+        logger.warning("request %s: prefill on %s (%s) failed, decoding locally: %s",
+                       info.request_id, member.key, member.info.engine_id, why)
+        self.metrics.failures.labels("prefill", member.key).inc()
+        self.metrics.decisions.labels("local", "prefill_failed").inc()
+        if "Connect" in why:  # refused: the instance is gone, stop routing to it now
+            self.pool.mark_down(member, why)
+        return None
+
+    async def _decode(self, path: str, body: dict, kv_params: dict | None, info: RequestInfo,
+                      start: float) -> Response:
+        dbody = {**body, "kv_transfer_params": kv_params} if kv_params else body
+        tried: set[str] = set()
+        while True:
+            member = self._pick("decode", info, exclude=tried)
+            tried.add(member.key)
+            req = self._client.build_request("POST", member.info.url + path, json=dbody,
+                                             headers={"X-Request-Id": info.request_id})
+            member.candidate.inflight += 1
+            try:
+                resp = await self._client.send(req, stream=True)
+            except httpx.HTTPError as exc:
+                member.candidate.inflight -= 1
+                logger.warning("request %s: decode on %s failed: %s", info.request_id,
+                               member.key, exc)
+                self.metrics.failures.labels("decode", member.key).inc()
+                self.pool.mark_down(member, f"{type(exc).__name__}")
+                continue  # _pick raises 503 once every decoder was tried
+            self.metrics.routed.labels("decode", member.key).inc()
+            return await self._relay(path, resp, member, body.get("stream", False), start)
+
+    async def _relay(self, path: str, resp: httpx.Response, member: Member, stream: bool,
+                     start: float) -> Response:
+        if resp.status_code != 200 or not stream:
+            try:
+                content = await resp.aread()
+            finally:
+                await resp.aclose()
+                member.candidate.inflight -= 1
+            self._finish(path, resp.status_code, start, first=None)
+            return Response(content, status_code=resp.status_code,
+                            media_type=resp.headers.get("content-type", "application/json"))
+        return StreamingResponse(self._pipe(path, resp, member, start),
+                                 media_type="text/event-stream")
+
+    async def _pipe(self, path: str, resp: httpx.Response, member: Member,
+                    start: float) -> AsyncIterator[bytes]:
+        first: float | None = None
+        last = start
+        try:
+            async for chunk in resp.aiter_raw():
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                yield chunk
+        finally:
+            await resp.aclose()
+            member.candidate.inflight -= 1
+            self._finish(path, resp.status_code, start, first)
+
+    def _finish(self, path: str, status: int, start: float, first: float | None) -> None:
+        now = time.perf_counter()
+        self.metrics.requests.labels(path, str(status)).inc()
+        if status == 200:
+            self.metrics.ttft.observe((first or now) - start)
+            self.metrics.e2e.observe(now - start)
+
+
+def _upstream_error(resp: httpx.Response) -> APIError:
+    """Turn an instance's 4xx into our error, keeping vLLM's message."""
+    try:
+        err = resp.json().get("error", {})
+        message = err.get("message") or resp.text
+        return APIError(resp.status_code, message, param=err.get("param"))
+    except ValueError:
+        return APIError(resp.status_code, resp.text or f"HTTP {resp.status_code}")

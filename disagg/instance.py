@@ -1,0 +1,250 @@
+"""One vLLM instance (prefill or decode) as a supervised child process.
+
+``VLLMProcess`` builds the ``vllm.entrypoints.openai.api_server`` command line with our
+connector configured, starts it in its own process group (so stopping it stops its engine
+core and workers too), waits for ``/health`` with a deadline, and reads its load from
+vLLM's own ``/metrics``. Ray is applied at the edge (``disagg.actor``); this class is plain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from disagg.launch.topology import EngineArgs, TransferConfig
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode"]
+
+
+class InstanceSpec(BaseModel):
+    """Everything one instance needs; built by the launcher, sent to its actor."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    index: int = Field(ge=0)
+    model_path: str
+    served_model_name: str
+    engine: EngineArgs
+    transfer: TransferConfig
+    tensor_parallel_size: int = 1
+    cpu_cores: list[int] = Field(default_factory=list, description="Cores to pin, CPU only.")
+    side_channel_port: int = Field(0, ge=0, description="0 picks a free port.")
+    log_dir: str
+
+
+class InstanceInfo(BaseModel):
+    """What the gateway needs to reach an instance (changes when it restarts)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    index: int
+    engine_id: str
+    url: str
+    side_channel_port: int
+    pid: int
+    log_path: str
+
+
+class InstanceLoad(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    running: float = 0
+    waiting: float = 0
+    kv_usage: float = 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    """This node's address as peers reach it: ``DISAGG_NODE_IP``, else loopback on a
+    one-node cluster (traffic never leaves the machine), else Ray's node address."""
+    if os.environ.get("DISAGG_NODE_IP"):
+        return os.environ["DISAGG_NODE_IP"]
+    try:
+        import ray
+
+        if ray.is_initialized() and sum(n["Alive"] for n in ray.nodes()) > 1:
+            return ray.util.get_node_ip_address()
+    except Exception as exc:  # not in a Ray process: a single machine
+        logger.debug("node_ip: %s", exc)
+    return "127.0.0.1"
+
+
+class VLLMProcess:
+    """A vLLM OpenAI server with DisaggConnector, owned by this process."""
+
+    def __init__(self, spec: InstanceSpec):
+        self.spec = spec
+        self.host = node_ip()
+        self.port = free_port()
+        self.side_channel_port = spec.side_channel_port or free_port()
+        self.engine_id = f"{spec.role}-{spec.index}-{uuid.uuid4().hex[:8]}"
+        Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
+        self.log_path = str(Path(spec.log_dir) / f"{self.engine_id}.log")
+        self._proc: subprocess.Popen | None = None
+        self._http = httpx.Client(timeout=2)  # reused: a client per poll costs real CPU
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def kv_transfer_config(self) -> dict:
+        t = self.spec.transfer
+        return {
+            "kv_connector": "DisaggConnector",
+            "kv_connector_module_path": "disagg.transfer.connector",
+            "kv_role": "kv_both",
+            "engine_id": self.engine_id,
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"disagg": {
+                "side_channel_host": self.host,
+                "side_channel_port": self.side_channel_port,
+                "backends": t.backends,
+                "handshake_timeout_s": t.handshake_timeout_s,
+                "transfer_timeout_s": t.transfer_timeout_s,
+                "lease_s": t.lease_s,
+                "model_name": self.spec.served_model_name,
+            }},
+        }
+
+    def command(self) -> list[str]:
+        e, s = self.spec.engine, self.spec
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", s.model_path, "--served-model-name", s.served_model_name,
+            "--host", "0.0.0.0", "--port", str(self.port),
+            "--dtype", e.dtype, "--max-model-len", str(e.max_model_len),
+            "--max-num-seqs", str(e.max_num_seqs), "--seed", str(e.seed),
+            "--tensor-parallel-size", str(s.tensor_parallel_size),
+            "--distributed-executor-backend", "mp" if s.tensor_parallel_size > 1 else "uni",
+            "--kv-transfer-config", json.dumps(self.kv_transfer_config()),
+            "--disable-uvicorn-access-log",
+        ]
+        if e.block_size:
+            cmd += ["--block-size", str(e.block_size)]
+        if e.max_num_batched_tokens:
+            cmd += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
+        if e.enforce_eager:
+            cmd.append("--enforce-eager")
+        cmd.append("--enable-prefix-caching" if e.enable_prefix_caching
+                   else "--no-enable-prefix-caching")
+        return cmd + list(e.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(self.spec.engine.kv_cache_gib)
+        if self.spec.cpu_cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.spec.cpu_cores))
+        # The engine runs in this process tree; keep Ray from adopting its children.
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115  # handed to the child
+        logger.info("engine %s: starting vLLM on %s (log %s)", self.engine_id, self.url,
+                    self.log_path)
+        # The supervisor stops vLLM's whole process group when our end of its stdin closes,
+        # which happens however this process dies.
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "disagg.supervise", "--", *self.command()],
+            env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE, start_new_session=True,
+        )
+        log.close()
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Block until /health answers 200; RuntimeError if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                raise RuntimeError(f"engine {self.engine_id} exited during start-up: "
+                                   f"see {self.log_path}\n{self.log_tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"engine {self.engine_id} not healthy after {timeout_s}s: "
+                           f"see {self.log_path}")
+
+    def healthy(self) -> bool:
+        try:
+            return self._http.get(f"{self.url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def info(self) -> InstanceInfo:
+        return InstanceInfo(
+            role=self.spec.role, index=self.spec.index, engine_id=self.engine_id,
+            url=self.url, side_channel_port=self.side_channel_port,
+            pid=self._proc.pid if self._proc else -1, log_path=self.log_path,
+        )
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """Ask the supervisor to stop vLLM's process group; SIGKILL it after ``timeout_s``."""
+        if self._proc is None:
+            return
+        self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait(timeout=5)
+        self._proc = None
+        self._http.close()
+
+
+def parse_load(metrics_text: str) -> InstanceLoad:
+    """Running/waiting requests and KV usage from vLLM's Prometheus text."""
+    wanted = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+              "vllm:kv_cache_usage_perc": "kv_usage"}
+    values: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            values[wanted[name]] = values.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
+    return InstanceLoad(**values)
+
+
+def stop_local_supervisor(info: InstanceInfo, timeout_s: float = 20.0) -> None:
+    """SIGTERM an instance's supervisor if it runs on this machine, and wait for it."""
+    import psutil
+
+    if not info.url.startswith("http://127.0.0.1:") or info.pid <= 0:
+        return
+    try:
+        proc = psutil.Process(info.pid)
+        if "disagg.supervise" not in " ".join(proc.cmdline()):
+            return  # the pid was reused by something else
+        proc.terminate()
+        proc.wait(timeout_s)
+    except psutil.TimeoutExpired:
+        proc.kill()
+    except psutil.Error:
+        pass

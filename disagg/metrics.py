@@ -1,0 +1,37 @@
+"""The gateway's Prometheus metrics (its own registry, served on GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("disagg_requests", "Client requests by endpoint and outcome.",
+                                ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("disagg_ttft_seconds", "Time to first token at the gateway.",
+                              buckets=_LAT, registry=r)
+        self.itl = Histogram("disagg_itl_seconds", "Gap between streamed chunks.",
+                             buckets=_LAT, registry=r)
+        self.e2e = Histogram("disagg_request_seconds", "Request latency end to end.",
+                             buckets=_LAT, registry=r)
+        self.prefill_hop = Histogram("disagg_prefill_hop_seconds",
+                                     "Time of the prefill request.", buckets=_LAT, registry=r)
+        self.routed = Counter("disagg_instance_requests", "Requests sent to each instance.",
+                              ["role", "instance"], registry=r)
+        self.failures = Counter("disagg_failures", "Faults the gateway absorbed or returned.",
+                                ["kind", "instance"], registry=r)
+        self.decisions = Counter("disagg_decisions", "Prefill-hop decisions with their reason.",
+                                 ["path", "reason"], registry=r)
+        self.instance_up = Gauge("disagg_instance_up", "1 while an instance is healthy.",
+                                 ["role", "instance"], registry=r)
+        # Mirrored from each instance's vLLM /metrics on every poll (counters upstream).
+        self.kv_bytes = Gauge("disagg_kv_bytes_received", "KV bytes an instance pulled.",
+                              ["instance"], registry=r)
+        self.kv_seconds = Gauge("disagg_kv_transfer_seconds", "Seconds an instance spent "
+                                "pulling KV.", ["instance"], registry=r)
+        self.kv_failures = Gauge("disagg_kv_transfer_failures", "KV pulls an instance "
+                                 "failed (recomputed).", ["instance"], registry=r)

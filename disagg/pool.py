@@ -1,0 +1,128 @@
+"""The gateway's view of its instances: address, health, load, in-flight requests.
+
+A poll loop checks every instance each ``interval_s``: ``/health`` and vLLM's ``/metrics``
+(load and transfer counters). An instance that fails a check leaves routing at once; while
+it is down the pool asks its ``locate`` callback (the Ray actor) for a fresh address,
+because a restarted actor brings its engine up on new ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from disagg.instance import InstanceInfo, parse_load
+from disagg.metrics import GatewayMetrics
+from disagg.scheduler.base import Candidate
+
+logger = logging.getLogger(__name__)
+
+Locate = Callable[[str], Awaitable[InstanceInfo | None]]
+
+
+@dataclass
+class Member:
+    key: str  # stable name across restarts, e.g. "prefill-0"
+    info: InstanceInfo
+    healthy: bool = False
+    draining: bool = False
+    candidate: Candidate = field(init=False)
+    down_since: float | None = None
+
+    def __post_init__(self) -> None:
+        self.candidate = Candidate(self.info.engine_id, self.info.url)
+
+    def relocate(self, info: InstanceInfo) -> None:
+        self.info = info
+        inflight = self.candidate.inflight
+        self.candidate = Candidate(info.engine_id, info.url, inflight=inflight)
+
+
+class InstancePool:
+    def __init__(self, metrics: GatewayMetrics, locate: Locate | None = None,
+                 interval_s: float = 0.5, timeout_s: float = 2.0):
+        self.members: dict[str, Member] = {}
+        self._metrics = metrics
+        self._locate = locate
+        self._interval = interval_s
+        self._client = httpx.AsyncClient(timeout=timeout_s)
+        self._task: asyncio.Task | None = None
+
+    def add(self, key: str, info: InstanceInfo, healthy: bool = True) -> None:
+        self.members[key] = Member(key, info, healthy=healthy)
+
+    def remove(self, key: str) -> Member | None:
+        return self.members.pop(key, None)
+
+    def available(self, role: str) -> list[Member]:
+        return [m for m in self.members.values()
+                if m.info.role == role and m.healthy and not m.draining]
+
+    def mark_down(self, member: Member, reason: str) -> None:
+        if member.healthy:
+            logger.warning("instance %s (%s) down: %s", member.key, member.info.engine_id, reason)
+        member.healthy = False
+        member.down_since = member.down_since or time.monotonic()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="disagg-pool-poll")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(m) for m in list(self.members.values())),
+                                 return_exceptions=True)
+            await asyncio.sleep(self._interval)
+
+    async def _check(self, m: Member) -> None:
+        try:
+            resp = await self._client.get(f"{m.info.url}/metrics")
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            self.mark_down(m, f"metrics poll failed: {type(exc).__name__}")
+            await self._relocate(m)
+        else:
+            self._observe(m, resp.text)
+            if not m.healthy:
+                logger.info("instance %s (%s) up at %s", m.key, m.info.engine_id, m.info.url)
+            m.healthy, m.down_since = True, None
+        self._metrics.instance_up.labels(m.info.role, m.key).set(1 if m.healthy else 0)
+
+    def _observe(self, m: Member, text: str) -> None:
+        load = parse_load(text)
+        c = m.candidate
+        c.running, c.waiting, c.kv_usage = load.running, load.waiting, load.kv_usage
+        counters = _disagg_counters(text)
+        self._metrics.kv_bytes.labels(m.key).set(counters.get("kv_bytes_received", 0))
+        self._metrics.kv_seconds.labels(m.key).set(counters.get("kv_transfer_seconds", 0))
+        self._metrics.kv_failures.labels(m.key).set(counters.get("kv_transfer_failures", 0))
+
+    async def _relocate(self, m: Member) -> None:
+        if self._locate is None:
+            return
+        try:
+            info = await self._locate(m.key)
+        except Exception as exc:  # the actor itself may be restarting
+            logger.debug("locate %s: %s", m.key, exc)
+            return
+        if info is not None and info.engine_id != m.info.engine_id:
+            logger.info("instance %s restarted as %s at %s", m.key, info.engine_id, info.url)
+            m.relocate(info)
+
+
+def _disagg_counters(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:disagg_") and "_total" in line:
+            name = line.split("{", 1)[0].removeprefix("vllm:disagg_").removesuffix("_total")
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out

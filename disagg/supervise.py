@@ -1,0 +1,62 @@
+"""``python -m disagg.supervise -- CMD...``: run CMD in its own process group, tied to our stdin.
+
+The instance actor starts vLLM through this wrapper with a pipe as its stdin. When the actor
+dies in any way (even SIGKILL from Ray), the pipe closes, and the wrapper stops the whole
+vLLM process group (API server, engine core, workers): no orphaned engines. SIGTERM to the
+wrapper does the same. Exit status is CMD's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+GRACE_S = 10.0
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        with contextlib.suppress(ProcessLookupError):  # no straggler of the group stays
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "--" or len(argv) < 2:
+        print("usage: python -m disagg.supervise -- CMD...", file=sys.stderr)
+        return 2
+    # Ray runs actors at a raised niceness (RAY_worker_niceness, 15 by default); an engine
+    # must not inherit it or it loses the CPU to anything else on the node.
+    with contextlib.suppress(PermissionError, OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    proc = subprocess.Popen(argv[1:], start_new_session=True, stdin=subprocess.DEVNULL)
+    stop = threading.Event()
+
+    def watch_stdin() -> None:
+        while sys.stdin.buffer.read(4096):
+            pass
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.is_set() and proc.poll() is None:
+        stop.wait(0.5)
+    _stop_group(proc)
+    return proc.returncode if proc.returncode is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

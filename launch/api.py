@@ -1,0 +1,202 @@
+"""``launch()``: start (or join) Ray, place one actor per instance, wait, serve the gateway.
+
+    with launch("examples/1p1d.yaml") as d:      # or a Topology, or a dict
+        print(d.url, d.status())
+    # on exit: gateway stopped, every vLLM process group killed, actors gone,
+    # and a Ray cluster we started ourselves shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+import uvicorn
+from disagg.launch.placement import assign_cores
+from disagg.launch.topology import Topology, load_topology, parse_topology
+
+from disagg.instance import InstanceInfo, InstanceSpec, free_port, stop_local_supervisor
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = float(os.environ.get("DISAGG_READY_TIMEOUT_S", "900"))
+
+
+def _as_topology(topology: Topology | str | Path | dict[str, Any] | None) -> Topology:
+    if topology is None:
+        return Topology()
+    if isinstance(topology, Topology):
+        return topology
+    if isinstance(topology, dict):
+        return parse_topology(topology)
+    return load_topology(topology)
+
+
+class Deployment:
+    """A running deployment. Use as a context manager, or call ``shutdown()``."""
+
+    def __init__(self, topology: Topology, started_ray: bool):
+        self.topology = topology
+        self.name = f"disagg-{uuid.uuid4().hex[:6]}"
+        self.log_dir = Path(tempfile.gettempdir()) / "disagg" / self.name
+        self._started_ray = started_ray
+        self._actors: dict[str, Any] = {}
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._gateway = None
+        self._port = 0
+        self._closed = False
+
+    # ---- start-up --------------------------------------------------------------------------
+    def _start_instances(self) -> None:
+        from disagg.actor import RemoteInstance
+        from disagg.models import resolve_model
+
+        t = self.topology
+        model_path = str(resolve_model(t.model))  # fail fast here, not inside an actor
+        builtin = Path(model_path).name != Path(t.model).name
+        self.served_model_name = t.api.served_model_name or (
+            t.model if builtin else Path(model_path).name)
+        cores = assign_cores(t, os.cpu_count() or 1)
+        port = t.transfer.base_port
+        for role, pool in (("prefill", t.prefill), ("decode", t.decode)):
+            for i in range(pool.replicas):
+                key = f"{role}-{i}"
+                spec = InstanceSpec(
+                    role=role, index=i, model_path=t.model, served_model_name=self.served_model_name,
+                    engine=t.engine, transfer=t.transfer,
+                    tensor_parallel_size=pool.tensor_parallel_size,
+                    cpu_cores=cores[key] if pool.resources.num_gpus == 0 else [],
+                    log_dir=str(self.log_dir), side_channel_port=port,
+                )
+                port += pool.tensor_parallel_size if port else 0
+                opts = {"num_cpus": pool.resources.num_cpus, "num_gpus": pool.resources.num_gpus,
+                        "max_restarts": -1, "max_task_retries": 0,
+                        "name": f"{self.name}-{key}"}
+                if pool.resources.memory_gib:
+                    opts["memory"] = int(pool.resources.memory_gib * 2**30)
+                self._actors[key] = RemoteInstance.options(**opts).remote(spec.model_dump_json())
+        refs = {k: a.wait_ready.remote(READY_TIMEOUT_S) for k, a in self._actors.items()}
+        self.instances: dict[str, InstanceInfo] = {k: ray.get(r) for k, r in refs.items()}
+        for key, info in self.instances.items():
+            logger.info("instance %s ready: engine %s at %s", key, info.engine_id, info.url)
+
+    def _start_gateway(self, port: int | None) -> None:
+        from disagg.scheduler import make_policy
+
+        from disagg.gateway import Gateway
+        from disagg.metrics import GatewayMetrics
+        from disagg.pool import InstancePool
+
+        t = self.topology
+        metrics = GatewayMetrics()
+        pool = InstancePool(metrics, locate=self._locate)
+        for key, info in self.instances.items():
+            pool.add(key, info)
+        self._gateway = Gateway(
+            pool, metrics, make_policy(t.scheduler.prefill_policy),
+            make_policy(t.scheduler.decode_policy), self.served_model_name,
+            t.engine.max_model_len, t.api.api_key, t.api.request_timeout_s,
+        )
+        self._port = port if port is not None else (t.api.port or free_port(t.api.host))
+        config = uvicorn.Config(self._gateway.app, host=t.api.host, port=self._port,
+                                log_level="warning", access_log=False, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="disagg-gateway",
+                                        daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway failed to start on {t.api.host}:{self._port}")
+            time.sleep(0.05)
+
+    async def _locate(self, key: str) -> InstanceInfo | None:
+        actor = self._actors.get(key)
+        if actor is None:
+            return None
+        return await asyncio.wait_for(actor.info.remote(), timeout=5)
+
+    # ---- public ----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host = self.topology.api.host
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self._port}"
+
+    def status(self) -> dict[str, Any]:
+        """Every instance with its role, engine, address, health and load."""
+        members = self._gateway.pool.members.values() if self._gateway else []
+        return {"url": self.url, "model": self.served_model_name, "instances": [
+            {"key": m.key, "role": m.info.role, "engine_id": m.info.engine_id,
+             "url": m.info.url, "healthy": m.healthy, "inflight": m.candidate.inflight,
+             "running": m.candidate.running, "waiting": m.candidate.waiting,
+             "kv_usage": m.candidate.kv_usage, "log": m.info.log_path} for m in members]}
+
+    def actor(self, key: str):
+        return self._actors[key]
+
+    def shutdown(self) -> None:
+        """Stop the gateway, every engine and actor; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._server is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
+        stops = [a.stop.remote() for a in self._actors.values()]
+        try:
+            ray.get(stops, timeout=30)
+        except Exception as exc:  # Ray itself may be going down (Ctrl-C reaches it too)
+            logger.warning("stopping instances through Ray: %s", exc)
+        for a in self._actors.values():
+            with contextlib.suppress(Exception):
+                ray.kill(a, no_restart=True)
+        self._actors.clear()
+        # Belt and braces on this node: an engine's supervisor stops its process group on
+        # SIGTERM, whatever state Ray is in.
+        for info in getattr(self, "instances", {}).values():
+            stop_local_supervisor(info)
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def launch(topology: Topology | str | Path | dict[str, Any] | None = None,
+           address: str | None = None, port: int | None = None) -> Deployment:
+    """Start a deployment and return it once every instance is healthy and the gateway is up.
+
+    ``address``: a Ray cluster to join ("auto", "ray://..."); None joins the cluster this
+    process runs in (``ray job submit``) or starts a local one.
+    """
+    topo = _as_topology(topology)
+    started = False
+    if not ray.is_initialized():
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+            started = True
+        else:
+            ray.init(address=address, log_to_driver=False)
+    dep = Deployment(topo, started)
+    try:
+        dep._start_instances()
+        dep._start_gateway(port)
+    except BaseException:
+        dep.shutdown()
+        raise
+    logger.info("disagg serving %s at %s", dep.served_model_name, dep.url)
+    return dep

@@ -1,0 +1,56 @@
+"""The policy interface: choose one instance of a pool for a request.
+
+Policies are small, stateless apart from their own counters, and registered by name, so a
+topology picks them as ``scheduler.prefill_policy`` / ``scheduler.decode_policy``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+
+@dataclass(slots=True)
+class Candidate:
+    """An instance as a policy sees it: identity and load, nothing else."""
+
+    engine_id: str
+    url: str
+    inflight: int = 0  # requests the gateway has sent and not yet seen finish
+    running: float = 0  # from the instance's own metrics (may lag)
+    waiting: float = 0
+    kv_usage: float = 0
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    request_id: str
+    prompt_chars: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Policy(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def choose(self, candidates: Sequence[Candidate], request: RequestInfo) -> Candidate:
+        """Pick one of ``candidates`` (never empty) for ``request``."""
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_policy(name: str) -> Policy:
+    from disagg.scheduler import least_loaded, round_robin  # noqa: F401  # registration
+
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; known: {sorted(_REGISTRY)}") from None
