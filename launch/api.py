@@ -163,7 +163,8 @@ class Deployment:
         self._actors.clear()
         # Belt and braces on this node: an engine's supervisor stops its process group on
         # SIGTERM, whatever state Ray is in.
-        for info in getattr(self, "instances", {}).values():
+        current = [m.info for m in self._gateway.pool.members.values()] if self._gateway else []
+        for info in [*getattr(self, "instances", {}).values(), *current]:
             stop_local_supervisor(info)
         if self._started_ray:
             ray.shutdown()

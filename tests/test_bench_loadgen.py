@@ -10,14 +10,25 @@ import pytest
 
 from disagg.bench.client import EndpointConfig
 from disagg.bench.fake_server import FakeBehavior, FakeServer
-from disagg.bench.loadgen import LoadConfig, RunResult, check_dependencies, poisson_offsets, run_load
+from disagg.bench.loadgen import (
+    LoadConfig,
+    RunResult,
+    check_dependencies,
+    poisson_offsets,
+    run_load,
+)
 from disagg.bench.metrics import Slo, percentile, stats_ms, summarize
 from disagg.bench.records import ChatMessage, RequestResult, RequestSpec
 
 TTFT = 0.25
 ITL = 0.04
 TOKENS = 8
-TOL = 0.05  # seconds: scheduling noise on a loaded 2-core machine
+TOL = 0.1  # seconds late at most: scheduling noise on a shared, loaded 2-core machine
+EARLY = 0.01  # seconds early at most: a token cannot be seen before the server sends it
+
+
+def _near(measured: float, injected: float) -> bool:
+    return injected - EARLY <= measured <= injected + TOL
 
 
 def _spec(i: int, api: str = "completions", tokens: int = TOKENS, **kw) -> RequestSpec:
@@ -48,10 +59,13 @@ def test_ttft_and_itl_match_injected_delays(server, api):
         assert r.output_tokens == TOKENS and r.output_chunks == TOKENS
         # TTFT is the first token, not the first byte (a comment and, for chat, a role
         # chunk arrive at once) and not the end of the response (TTFT + 7 * ITL).
-        assert abs(r.ttft_s - TTFT) < TOL, r.ttft_s
+        assert _near(r.ttft_s, TTFT), r.ttft_s
         assert len(r.itl_s) == TOKENS - 1
-        assert all(abs(g - ITL) < TOL for g in r.itl_s), r.itl_s
-        assert abs(statistics.mean(r.itl_s) - ITL) < 0.01
+        assert all(abs(g - ITL) <= TOL for g in r.itl_s), (
+            r.itl_s
+        )  # a late chunk shortens the next gap
+        # The server sends against absolute deadlines, so lateness does not accumulate.
+        assert abs(statistics.mean(r.itl_s) - ITL) < 0.015
         assert r.e2e_s >= TTFT + (TOKENS - 1) * ITL - 0.01
 
 
@@ -61,8 +75,8 @@ def test_ttft_would_fail_if_measured_at_the_end(server):
     r = run.results[0]
     assert r.ok, r.error
     end_of_response = TTFT + 39 * ITL
-    assert abs(r.ttft_s - TTFT) < TOL
-    assert abs(r.e2e_s - end_of_response) < 0.2
+    assert _near(r.ttft_s, TTFT)
+    assert _near(r.e2e_s, end_of_response)
     assert r.e2e_s - r.ttft_s > 1.0
 
 
@@ -121,9 +135,9 @@ def test_closed_loop_keeps_concurrency_bounded():
     with FakeServer(FakeBehavior(ttft_s=0.2, itl_s=0.0)) as srv:
         run = _run(srv, [_spec(i, tokens=1) for i in range(8)], concurrency=4)
     # 8 requests, 4 at a time, 0.2 s each: two waves.
-    assert 0.35 < run.duration_s < 0.8
+    assert 0.39 < run.duration_s < 1.0
     starts = sorted(r.start_s for r in run.results)
-    assert starts[3] < 0.1 and starts[4] > 0.15
+    assert starts[3] < 0.1 and starts[4] > 0.19
 
 
 def test_open_loop_follows_poisson_arrivals():
@@ -131,7 +145,7 @@ def test_open_loop_follows_poisson_arrivals():
     with FakeServer(FakeBehavior(ttft_s=0.3, itl_s=0.0)) as srv:
         run = _run(srv, [_spec(i, tokens=1) for i in range(6)], qps=20.0, seed=3)
     for r, off in zip(run.results, offsets, strict=True):
-        assert abs(r.start_s - off) < TOL  # sent on schedule, not after the previous finished
+        assert _near(r.start_s, off)  # sent on schedule, not after the previous finished
     assert run.duration_s < offsets[-1] + 0.3 + 0.2
 
 
@@ -167,8 +181,15 @@ def test_percentiles_and_stats():
 
 def _result(ttft: float, gap: float, ok: bool = True) -> RequestResult:
     return RequestResult(
-        request_id="x", ok=ok, start_s=0.0, ttft_s=ttft, itl_s=[gap] * 3, e2e_s=ttft + 3 * gap,
-        output_tokens=4, output_chunks=4, expected_output_tokens=4,
+        request_id="x",
+        ok=ok,
+        start_s=0.0,
+        ttft_s=ttft,
+        itl_s=[gap] * 3,
+        e2e_s=ttft + 3 * gap,
+        output_tokens=4,
+        output_chunks=4,
+        expected_output_tokens=4,
     )
 
 
@@ -182,3 +203,66 @@ def test_goodput_counts_requests_meeting_both_slos():
     for key in ("completed", "failed", "ttft_ms", "itl_ms", "output_tokens_per_s", "goodput"):
         assert key in doc
     assert set(doc["ttft_ms"]) >= {"mean", "p50", "p90", "p99"}
+
+
+def _load_benchmarks_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nixl_proxy_prefills_then_streams_from_decode():
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    proxy = _load_benchmarks_module("proxy")
+    with (
+        FakeServer(FakeBehavior(ttft_s=0.0, itl_s=0.0)) as pre,
+        FakeServer(FakeBehavior(ttft_s=0.1, itl_s=0.02)) as dec,
+    ):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(proxy.make_app(pre.url, dec.url), log_level="error"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.01)
+        try:
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+            endpoint = EndpointConfig(base_url=url, model="fake-model")
+            specs = [_spec(0), _spec(1, "chat")]
+            load = LoadConfig(concurrency=1, progress=False)
+            run = asyncio.run(run_load(specs, endpoint, load))
+        finally:
+            server.should_exit = True
+            thread.join(5)
+    assert all(r.ok for r in run.results), [r.error for r in run.results]
+    assert _near(run.results[0].ttft_s, 0.1)
+    p_body, d_body = pre.behavior.received[0], dec.behavior.received[0]
+    assert p_body["max_tokens"] == 1 and p_body["stream"] is False
+    assert "stream_options" not in p_body
+    assert p_body["kv_transfer_params"]["do_remote_decode"] is True
+    assert d_body["kv_transfer_params"] == {"do_remote_prefill": True, "remote_block_ids": [0]}
+    assert d_body["max_tokens"] == TOKENS and d_body["stream"] is True
+
+
+def test_results_md_replaces_only_its_own_section(tmp_path):
+    md = _load_benchmarks_module("results_md")
+    path = tmp_path / "RESULTS.md"
+    md.update_results_md(path, "doc-analysis", "old table\n")
+    md.update_results_md(path, "sharegpt", "sharegpt table\n")
+    md.update_results_md(path, "doc-analysis", "new table\n")
+    text = path.read_text()
+    assert "old table" not in text and text.count("new table") == 1
+    assert "sharegpt table" in text
+    assert text.index("<!-- compare:doc-analysis -->") < text.index("new table")
+    assert text.index("new table") < text.index("<!-- /compare:doc-analysis -->")
+    assert "cores" in md.machine_info()

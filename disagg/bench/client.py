@@ -45,7 +45,9 @@ class EndpointConfig:
     def path(self, spec: RequestSpec) -> str:
         """Absolute URL of the endpoint serving ``spec``."""
         root = self.base_url.rstrip("/").removesuffix("/v1")
-        return f"{root}/v1/completions" if spec.api == "completions" else f"{root}/v1/chat/completions"
+        return (
+            f"{root}/v1/completions" if spec.api == "completions" else f"{root}/v1/chat/completions"
+        )
 
 
 def build_body(spec: RequestSpec, cfg: EndpointConfig) -> dict[str, Any]:
@@ -168,7 +170,8 @@ def _result(
         output_tokens=output_tokens,
         output_chunks=state.chunks,
         usage_output_tokens=usage_out if isinstance(usage_out, int) else None,
-        prompt_tokens=usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int)
+        prompt_tokens=usage.get("prompt_tokens")
+        if isinstance(usage.get("prompt_tokens"), int)
         else None,
         expected_prompt_tokens=spec.prompt_tokens,
         expected_output_tokens=spec.max_tokens,

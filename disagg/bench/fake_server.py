@@ -3,7 +3,9 @@
 Serves ``/v1/completions``, ``/v1/chat/completions`` (streaming and not), ``/v1/models`` and
 ``/health`` over real HTTP on 127.0.0.1. Per request it waits ``ttft_s`` before the first
 token and ``itl_s`` between tokens, and answers exactly ``max_tokens`` tokens (one word each),
-unless told to misbehave. Before the first token it sends what real servers send that carries
+unless told to misbehave. A non-streamed request asking ``kv_transfer_params.do_remote_decode``
+(a P/D proxy's prefill hop) gets ``kv_transfer_params`` back, as vLLM's NixlConnector answers.
+Before the first token it sends what real servers send that carries
 no token: an SSE comment and, for chat, a role-only delta, so a client that stops its TTFT
 clock on the first byte measures ~0 instead of ``ttft_s``.
 
@@ -118,7 +120,10 @@ class _App:
         choice = {"index": 0, "finish_reason": "length"}
         choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         usage = {"prompt_tokens": _words(body), "completion_tokens": n}
-        return {"id": "fake", "model": body.get("model"), "choices": [choice], "usage": usage}
+        out = {"id": "fake", "model": body.get("model"), "choices": [choice], "usage": usage}
+        if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
+            out["kv_transfer_params"] = {"do_remote_prefill": True, "remote_block_ids": [0]}
+        return out
 
     async def _stream(
         self, body: dict[str, Any], chat: bool, n: int, cut: bool

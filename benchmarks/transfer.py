@@ -1,0 +1,226 @@
+"""KV transfer benchmark: our connector's pull path against a raw NIXL READ and a torch copy.
+
+Two processes, as in serving: a *holder* (the prefill worker: KV caches in vLLM's CPU layout
+for the built-in ``small`` model, a ``DisaggWorker`` with its side channel, stepping like an
+engine) and a *reader* (the decode worker). For each prompt length the reader moves one
+request's KV three ways, in the same run:
+
+  ours      DisaggWorker.start(RecvOrder) ... finished() reports it: the connector's code,
+            coalesced descriptors, notification to the holder included
+  raw_nixl  one READ of the same number of bytes as a single registered region
+  torch     dst.copy_(src) of the same bytes inside one process (one thread)
+
+    .venv/bin/python benchmarks/transfer.py [--tokens 1024 4096 16384] [--repeats 7]
+
+Writes its table into benchmarks/RESULTS.md and prints, last,
+``transfer: ours/raw_nixl=<ratio> at 4K tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from disagg.transfer.metadata import DisaggMetadata, PeerAddress, RecvOrder
+from disagg.transfer.protocol import Compat
+from disagg.transfer.settings import ConnectorSettings
+
+# The built-in `small` model's KV geometry (disagg/models.py): 12 layers, 4 KV heads of 64.
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 12, 4, 64, 128
+DTYPE = torch.bfloat16
+
+
+def _caches(num_blocks: int, fill: bool) -> list[torch.Tensor]:
+    """Per-layer KV tensors; ``fill`` gives the same random contents in every process."""
+    shape = (num_blocks, KV_HEADS, BLOCK, 2 * HEAD_DIM)  # vLLM CPU layout
+    if not fill:
+        return [torch.zeros(shape, dtype=DTYPE) for _ in range(LAYERS)]
+    gen = torch.Generator().manual_seed(1234)
+    return [torch.randn(shape, generator=gen).to(DTYPE) for _ in range(LAYERS)]
+
+
+def _compat(num_blocks: int) -> Compat:
+    block_bytes = KV_HEADS * BLOCK * 2 * HEAD_DIM * DTYPE.itemsize
+    return Compat(
+        model="small",
+        dtype="bfloat16",
+        block_size=BLOCK,
+        num_layers=LAYERS,
+        plane_bytes=[block_bytes] * LAYERS,
+    )
+
+
+def _raw_agent(name: str, nbytes: int):
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    agent.register_memory([(buf.data_ptr(), nbytes, 0, "")], "DRAM")
+    return agent, buf
+
+
+def holder(conn, num_blocks: int, raw_bytes: int) -> None:
+    """The prefill side: serve KV and a raw region; step like an engine until told to stop."""
+    from disagg.transfer.worker import DisaggWorker
+
+    caches = _caches(num_blocks, fill=True)
+    worker = DisaggWorker(ConnectorSettings(lease_s=600), "holder", 0, _compat(num_blocks))
+    worker.register({f"layer.{i}": t for i, t in enumerate(caches)}, num_blocks)
+    agent, buf = _raw_agent("raw-holder", raw_bytes)
+    conn.send((worker._server.port, agent.get_agent_metadata(), buf.data_ptr()))
+    sends: dict[str, float] = {}
+    while True:
+        if conn.poll(0):
+            msg = conn.recv()
+            if msg == "stop":
+                break
+            sends[msg] = 600.0  # the reader announces each request id it will pull
+            worker.start(DisaggMetadata(sends={msg: 600.0}))
+        worker.finished()  # the engine's per-step poll: drives NIXL progress, frees blocks
+        agent.get_new_notifs()
+    worker.close()
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: handshake, connection set-up, page faults
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(tokens: int, repeats: int) -> dict[str, float]:
+    blocks = -(-tokens // BLOCK)
+    num_blocks = blocks * 2 + 8
+    nbytes = blocks * LAYERS * KV_HEADS * BLOCK * 2 * HEAD_DIM * DTYPE.itemsize
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=holder, args=(there, num_blocks, nbytes), daemon=True)
+    proc.start()
+    try:
+        port, raw_meta, raw_addr = here.recv()
+        return {
+            "tokens": tokens,
+            "bytes": nbytes,
+            **_run_reader(here, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeats),
+        }
+    finally:
+        here.send("stop")
+        proc.join(10)
+
+
+def _run_reader(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeats):
+    from disagg.transfer.worker import DisaggWorker
+
+    caches = _caches(num_blocks, fill=False)
+    reader = DisaggWorker(ConnectorSettings(), "reader", 0, _compat(num_blocks))
+    reader.register({f"layer.{i}": t for i, t in enumerate(caches)}, num_blocks)
+    peer = PeerAddress("holder", "127.0.0.1", port)
+    counter = iter(range(10**9))
+
+    def ours() -> None:
+        rid = f"req-{next(counter)}"
+        conn.send(rid)
+        order = RecvOrder(rid, peer, rid, tuple(range(blocks, 2 * blocks)), tuple(range(blocks)))
+        reader.start(DisaggMetadata(recvs=[order]))
+        while rid not in reader.finished()[1]:
+            pass
+        assert not reader.load_errors()
+
+    agent, buf = _raw_agent("raw-reader", nbytes)
+    remote = agent.add_remote_agent(raw_meta)
+    import numpy as np
+
+    local_d = agent.get_xfer_descs(np.array([(buf.data_ptr(), nbytes, 0)], np.uint64), "DRAM")
+    remote_d = agent.get_xfer_descs(np.array([(raw_addr, nbytes, 0)], np.uint64), "DRAM")
+
+    def raw() -> None:
+        handle = agent.initialize_xfer("READ", local_d, remote_d, remote, b"raw")
+        agent.transfer(handle)
+        while (state := agent.check_xfer_state(handle)) == "PROC":
+            pass
+        assert state == "DONE"
+        agent.release_xfer_handle(handle)
+
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+    torch.set_num_threads(1)
+    t_ours = _median_time(ours, repeats)
+    t_raw = _median_time(raw, repeats)
+    t_copy = _median_time(lambda: dst.copy_(src), repeats)
+    # What arrived is byte for byte what the holder has in its first blocks.
+    expected = _caches(num_blocks, fill=True)
+    assert all(
+        torch.equal(c[blocks : 2 * blocks], e[:blocks])
+        for c, e in zip(caches, expected, strict=True)
+    )
+    descs = reader.stats.data["kv_descriptors"] / max(1, reader.stats.data["kv_transfers_received"])
+    reader.close()
+    return {"ours_s": t_ours, "raw_s": t_raw, "torch_s": t_copy, "descriptors": descs}
+
+
+def render(rows: list[dict], command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| tokens | KV bytes | ours GB/s | raw NIXL GB/s | torch copy GB/s | ours/raw | "
+        "descriptors per pull |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gbs = [r["bytes"] / r[k] / 1e9 for k in ("ours_s", "raw_s", "torch_s")]
+        lines.append(
+            f"| {r['tokens']} | {r['bytes'] / 2**20:.1f} MiB | {gbs[0]:.2f} | "
+            f"{gbs[1]:.2f} | {gbs[2]:.2f} | {r['raw_s'] / r['ours_s']:.2f} | "
+            f"{r['descriptors']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace this benchmark's section of RESULTS.md, keeping the others."""
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = ap.parse_args()
+    rows = [measure(t, args.repeats) for t in args.tokens]
+    import platform
+    import sys
+
+    cmd = "python benchmarks/transfer.py " + " ".join(sys.argv[1:])
+    table = render(rows, cmd.strip())
+    body = (
+        f"## KV transfer: one request's KV, `small` model, bf16, vLLM CPU layout\n\n"
+        f"Machine: {platform.processor() or platform.machine()}, {mp.cpu_count()} cores. "
+        f"Median of {args.repeats} after one warm-up; two processes on one host "
+        f"(UCX picks shared memory / CMA).\n\n{table}"
+    )
+    write_section(args.results, "transfer", body)
+    print(table)
+    at4k = next((r for r in rows if r["tokens"] == 4096), rows[-1])
+    print(
+        f"transfer: ours/raw_nixl={at4k['raw_s'] / at4k['ours_s']:.2f} at "
+        f"{at4k['tokens'] // 1024}K tokens"
+    )
+
+
+if __name__ == "__main__":
+    main()

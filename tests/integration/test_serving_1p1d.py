@@ -1,0 +1,157 @@
+"""One 1P1D deployment (API key on) exercised as a user would: the OpenAI client, bad input,
+idle cost, status, a prefill actor killed mid-flight, and no process left behind."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import psutil
+import pytest
+import ray
+from helpers import scrape
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-test-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def dep():
+    from disagg.launch.api import launch
+
+    topo = {"model": "tiny", "engine": {"dtype": "bfloat16", "max_model_len": 2048,
+                                        "kv_cache_gib": 1, "enforce_eager": True},
+            "api": {"api_key": KEY}, "transfer": {"transfer_timeout_s": 10}}
+    d = launch(topo)
+    yield d
+    pids = _tree_pids(d)  # the current incarnations, after any restart
+    d.shutdown()
+    # Nothing it started survives: supervisors, API servers, engine cores, workers.
+    deadline = time.monotonic() + 30
+    while (alive := [p for p in pids if psutil.pid_exists(p)
+                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]):
+        assert time.monotonic() < deadline, f"processes left behind: {alive}"
+        time.sleep(0.5)
+
+
+def _tree_pids(d) -> list[int]:
+    pids = []
+    for member in d._gateway.pool.members.values():
+        root = psutil.Process(member.info.pid)
+        pids += [root.pid] + [c.pid for c in root.children(recursive=True)]
+    assert len(pids) >= 6  # per instance: supervisor, API server, engine core, worker
+    return pids
+
+
+def _post(d, path, body, headers=AUTH, **kw):
+    return httpx.post(d.url + path, json=body, headers=headers, timeout=120, **kw)
+
+
+def test_openai_client_completions_and_chat_stream(dep):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=dep.url + "/v1", api_key=KEY)
+    out = client.completions.create(model="tiny", prompt="The cache", max_tokens=8,
+                                    temperature=0)
+    assert out.usage.completion_tokens == 8
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello " * 50}], max_tokens=8,
+        temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 8
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    models = client.models.list().data
+    assert models[0].id == "tiny" and models[0].model_extra["max_model_len"] == 2048
+
+
+BAD = [
+    ("malformed json", "/v1/completions", b"{not json", AUTH, 400),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, AUTH, 404),
+    ("missing model", "/v1/completions", {"prompt": "x"}, AUTH, 400),
+    ("missing prompt", "/v1/completions", {"model": "tiny"}, AUTH, 400),
+    ("missing messages", "/v1/chat/completions", {"model": "tiny"}, AUTH, 400),
+    ("negative max_tokens", "/v1/completions",
+     {"model": "tiny", "prompt": "x", "max_tokens": -3}, AUTH, 400),
+    ("string max_tokens", "/v1/chat/completions",
+     {"model": "tiny", "messages": [], "max_tokens": "many"}, AUTH, 400),
+    ("bad temperature", "/v1/completions",
+     {"model": "tiny", "prompt": "x", "temperature": "hot"}, AUTH, 400),
+    ("prompt over max_model_len", "/v1/completions",
+     {"model": "tiny", "prompt": [5] * 3000, "max_tokens": 4}, AUTH, 400),
+    ("wrong api key", "/v1/completions", {"model": "tiny", "prompt": "x"},
+     {"Authorization": "Bearer nope"}, 401),
+    ("no api key", "/v1/completions", {"model": "tiny", "prompt": "x"}, {}, 401),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "body", "headers", "status"), BAD,
+                         ids=[b[0] for b in BAD])
+def test_bad_input_gets_openai_error(dep, case, path, body, headers, status):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(dep.url + path, headers={**headers, "content-type": "application/json"},
+                   timeout=60, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    # ...and the server keeps serving.
+    ok = _post(dep, "/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_health_status_and_metrics(dep):
+    assert httpx.get(dep.url + "/health").status_code == 200
+    status = dep.status()
+    assert {i["role"] for i in status["instances"]} == {"prefill", "decode"}
+    assert all(i["healthy"] for i in status["instances"])
+    text = httpx.get(dep.url + "/metrics").text
+    for name in ("disagg_requests_total", "disagg_ttft_seconds", "disagg_itl_seconds",
+                 "disagg_kv_bytes_received", "disagg_instance_requests_total"):
+        assert name in text
+
+
+def test_idle_instance_uses_under_5_percent_of_a_core(dep):
+    time.sleep(3)  # let the last request's stragglers finish
+    procs = []
+    for inst in dep.instances.values():
+        root = psutil.Process(inst.pid)
+        procs += [root, *root.children(recursive=True)]
+    before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+    window = 10.0
+    time.sleep(window)
+    used = {p.pid: sum(p.cpu_times()[:2]) - before[p.pid] for p in procs}
+    per_instance = sum(used.values()) / len(dep.instances) / window
+    assert per_instance < 0.05, f"idle instance uses {per_instance:.1%} of a core: {used}"
+
+
+def _generate(d, i: int) -> list[int]:
+    body = {"model": "tiny", "prompt": [100 + i] * (400 + 37 * i), "max_tokens": 24,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    r = _post(d, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def test_killing_the_prefill_actor_loses_no_request(dep):
+    expected = [_generate(dep, i) for i in range(8)]
+    dec = next(i.url for i in dep.instances.values() if i.role == "decode")
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_generate, dep, i) for i in range(8)]
+        time.sleep(0.3)
+        ray.kill(dep.actor("prefill-0"), no_restart=False)  # a crash: Ray restarts it
+        got = [f.result(timeout=300) for f in futures]
+    assert got == expected
+    # The pool recovers: the restarted prefill serves again and the decoder pulls from it.
+    deadline = time.monotonic() + 600
+    while not all(i["healthy"] for i in dep.status()["instances"]):
+        assert time.monotonic() < deadline, dep.status()
+        time.sleep(2)
+    pre = next(i for i in dep.status()["instances"] if i["role"] == "prefill")
+    assert pre["engine_id"] != dep.instances["prefill-0"].engine_id
+    pulls = scrape(dec, "vllm:disagg_kv_transfers_received")
+    assert [_generate(dep, 8 + i) for i in range(3)]
+    deadline = time.monotonic() + 30  # vLLM publishes connector stats on its next log tick
+    while scrape(dec, "vllm:disagg_kv_transfers_received") < pulls + 3:
+        assert time.monotonic() < deadline, "no pull from the restarted prefill instance"
+        time.sleep(1)

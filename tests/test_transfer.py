@@ -1,0 +1,114 @@
+"""The transfer path on real NIXL (UCX over host memory) and the ZMQ control plane."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from disagg.transfer import control
+from disagg.transfer.endpoint import KVEndpoint
+from disagg.transfer.protocol import (
+    AbortNotice,
+    Compat,
+    HandshakeReply,
+    HandshakeRequest,
+    KVTransferParams,
+    decode_message,
+)
+
+NB = 32
+
+
+def _caches(dtype, fill: bool):
+    make = torch.randn if fill else torch.zeros
+    return [make(NB, 2, 16, 64).to(dtype) for _ in range(3)]
+
+
+def _wait(endpoint: KVEndpoint, read, peer_side: KVEndpoint, notes: list[bytes]) -> str:
+    """Poll like two engines do: the reader its READ, the holder its notifications (with
+    NIXL's progress thread off, those polls are what drive both agents)."""
+    deadline = time.monotonic() + 10
+    while (state := endpoint.poll(read)) == "PROC":
+        notes.extend(peer_side.notifications())
+        assert time.monotonic() < deadline, "READ did not finish"
+    return state
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_read_moves_exact_blocks_and_notifies(dtype):
+    src, dst = _caches(dtype, True), _caches(dtype, False)
+    p = KVEndpoint(f"p-{dtype}", src, NB)
+    d = KVEndpoint(f"d-{dtype}", dst, NB)
+    reply = HandshakeReply(engine_id="p", agent_name=p.name, agent_metadata=p.metadata(),
+                           planes=p.plane_infos())
+    peer = d.add_peer("p", reply)
+    read = d.start_read(peer, [3, 4, 5, 9], [10, 11, 12, 0], b"req-7")
+    assert read.num_descriptors == 2 * 3  # two runs, three layers
+    notes: list[bytes] = []
+    assert _wait(d, read, p, notes) == "DONE"
+    for s, t in zip(src, dst, strict=True):
+        assert torch.equal(t[3:6], s[10:13]) and torch.equal(t[9], s[0])
+        assert not t[6:9].any()  # nothing else was written
+    deadline = time.monotonic() + 5
+    while not notes and time.monotonic() < deadline:
+        notes = p.notifications()
+    assert notes == [b"req-7"]
+    d.close()
+    p.close()
+
+
+def _compat(**kw) -> Compat:
+    base = dict(model="tiny", dtype="bfloat16", block_size=16, num_layers=3,
+                plane_bytes=[4096] * 3)
+    return Compat(**{**base, **kw})
+
+
+def test_side_channel_handshake_and_compat_check():
+    ours = _compat()
+
+    def handler(raw: bytes):
+        msg = decode_message(raw)
+        if isinstance(msg, AbortNotice):
+            return msg
+        problem = ours.mismatch(msg.compat)
+        if problem:
+            raise ValueError(problem)
+        return HandshakeReply(engine_id="p", agent_name="a", agent_metadata=b"\x00\x01",
+                              planes=[])
+
+    server = control.SideChannelServer("127.0.0.1", 0, handler)
+    try:
+        reply = control.handshake("127.0.0.1", server.port,
+                                  HandshakeRequest(engine_id="d", compat=ours), 5)
+        assert reply.agent_metadata == b"\x00\x01"
+        bad = HandshakeRequest(engine_id="d", compat=_compat(dtype="float16"))
+        with pytest.raises(control.ControlError, match="dtype"):
+            control.handshake("127.0.0.1", server.port, bad, 5)
+        # The server survives a garbage message and keeps answering.
+        with pytest.raises(control.ControlError, match="unknown message kind"):
+            control.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"])
+                            .model_copy(update={"kind": "nope"}), 5)
+        control.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"]), 5)
+    finally:
+        server.close()
+
+
+def test_handshake_with_absent_peer_times_out():
+    port = control.SideChannelServer("127.0.0.1", 0, lambda raw: None)
+    dead = port.port
+    port.close()
+    t0 = time.monotonic()
+    with pytest.raises(control.ControlError, match="no reply"):
+        control.handshake("127.0.0.1", dead, HandshakeRequest(engine_id="d",
+                          compat=_compat()), 0.5)
+    assert time.monotonic() - t0 < 3
+
+
+def test_transfer_params_ignore_vllm_annotations_but_check_ours():
+    params = {"remote_engine_id": "p", "remote_request_id": "r", "remote_host": "h",
+              "remote_port": 1, "remote_block_ids": [1, 2], "remote_num_tokens": 200,
+              "remote_prefill_cached_tokens": 0}
+    assert KVTransferParams.parse(params).remote_block_ids == [1, 2]
+    with pytest.raises(ValueError):
+        KVTransferParams.parse({**params, "remote_port": "x"})
