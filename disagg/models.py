@@ -11,12 +11,13 @@ Cache layout (root: ``cache_dir``, else ``$DISAGG_CACHE_DIR``, else ``~/.cache/d
     <root>/models/<name>-<hash>/         one complete model folder per spec
     <root>/models/.<name>-<hash>.tmp-*   a build in progress (renamed into place when done)
 
-``<hash>`` covers the spec, the weight recipe and :data:`GENERATOR_VERSION`: changing any of
-them builds a new folder instead of silently reusing a stale one. Folders appear only through an atomic ``os.rename``
-of a finished build, so a killed build never leaves a half-built folder that looks complete.
+``<hash>`` covers the spec, the weight recipe and :data:`GENERATOR_VERSION`: changing any
+of them builds a new folder instead of silently reusing a stale one. Folders appear only
+through an atomic ``os.rename`` of a finished build, so a killed build never leaves a
+half-built folder that looks complete.
 
-Weights are random but shaped so greedy decoding is robust to bf16 rounding noise: see
-:func:`_init_weights` for why and how.
+Weights are random but peaked, so greedy decoding survives bf16 rounding differences between
+a full prefill and a one-token recompute (the "Weights" section below says why and how).
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay out of the cached fast path
     import torch
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ModelSpec",
+    "TokenizerSpec",
+    "cache_root",
+    "cli_prepare",
+    "model_dir",
+    "prepare_model",
+    "prepare_tokenizer",
+    "resolve_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +315,11 @@ def _corpus(num_bytes: int) -> Iterator[str]:
 
 
 def _train_tokenizer(spec: TokenizerSpec):  # -> tokenizers.Tokenizer
-    """Train the byte-level BPE (deterministic: same corpus and settings, same merges)."""
+    """Train the byte-level BPE.
+
+    Deterministic: same corpus and settings give the same merges, also with the trainer's
+    worker threads (checked by building twice; tests/test_models.py does it every run).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -429,6 +446,7 @@ def _write_weights(spec: ModelSpec, ids: dict[str, int], path: Path) -> None:
         for name, t in _init_weights(spec, first_regular, WEIGHTS)
     }
     save_file(tensors, str(path), metadata={"format": "pt"})
+    path.chmod(0o644)  # safetensors creates it owner-only; the cache may be shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,8 +474,10 @@ def _write_weights(spec: ModelSpec, ids: dict[str, int], path: Path) -> None:
 #
 # Greedy decoding so continues "the successor of the token the loudest head attends to": it
 # depends on the whole context through the KV cache (a corrupted KV block changes it), differs
-# between prompts, does not loop on one token, and the winner leads by ~4 nats (median) with
-# exact bf16 ties on ~0.1% of steps instead of 1-3%.
+# between prompts and does not loop on one token. Measured with vLLM (30 prompts of 1-3000
+# random tokens, 32 greedy tokens, cold run vs prefix-cache hit): tiny 0/30 differ in bf16
+# and in fp16, top-1 lead median 4 nats, 1st percentile 0.3 (plain random init: 2/30 differ
+# in bf16, 1st percentile lead 0, i.e. exact ties).
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,9 @@ class Deployment:
         actor = self._actors.get(key)
         if actor is None:
             return None
-        return await asyncio.wait_for(actor.info.remote(), timeout=5)
+        # ray.get in a worker thread: this runs on the gateway's event loop, in a thread of
+        # its own, where awaiting an ObjectRef directly is not reliable.
+        return await asyncio.to_thread(ray.get, actor.info.remote(), timeout=5)
 
     # ---- public ----------------------------------------------------------------------------
     @property
