@@ -3,12 +3,16 @@
 The instance actor starts vLLM through this wrapper with a pipe as its stdin. When the actor
 dies in any way (even SIGKILL from Ray), the pipe closes, and the wrapper stops the whole
 vLLM process group (API server, engine core, workers): no orphaned engines. SIGTERM to the
-wrapper does the same. Exit status is CMD's.
+wrapper does the same. If the wrapper itself is killed (Ray SIGKILLs a dead worker's
+children), the kernel sends vLLM's API server SIGTERM (PR_SET_PDEATHSIG; this process's
+main thread forked it and lives as long as the process), and vLLM stops its own engine.
+Exit status is CMD's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -16,6 +20,13 @@ import sys
 import threading
 
 GRACE_S = 10.0
+
+
+def _term_with_parent() -> None:
+    """preexec: SIGTERM the child if this supervisor dies, even by SIGKILL (Ray kills a dead
+    worker's child processes with SIGKILL; the engine must still shut down, not be orphaned)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -41,7 +52,8 @@ def main(argv: list[str]) -> int:
     # must not inherit it or it loses the CPU to anything else on the node.
     with contextlib.suppress(PermissionError, OSError):
         os.setpriority(os.PRIO_PROCESS, 0, 0)
-    proc = subprocess.Popen(argv[1:], start_new_session=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv[1:], start_new_session=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=_term_with_parent)
     stop = threading.Event()
 
     def watch_stdin() -> None:

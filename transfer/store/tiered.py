@@ -1,0 +1,241 @@
+"""Tiers stacked fastest first: look up down the stack, promote hits, write through below.
+
+    put(key, data) ──sync──> tier 0 (CPU)
+                    └─enqueue─> [bounded queue] ──writer thread──> tier 1 (disk) ─> tier 2 ...
+    get(key): tier 0? tier 1? ... first hit wins; a hit in tier i is copied into tier 0 now
+              and into tiers 1..i-1 by the writer thread.
+
+The caller never waits on a lower tier when writing: a full queue drops the write-through
+(and counts it), so a slow disk costs reuse, not latency. Counters are plain numbers in a
+``StoreStats`` snapshot; exporting them (Prometheus) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .backend import BytesLike, StoreBackend
+from .keys import ChunkKey
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Counters for one tier; all cumulative except the three gauges at the end."""
+
+    name: str
+    lookups: int = 0  # keys asked by lookup_prefix / locate
+    hits: int = 0  # of which this tier held (counted in the first tier that did)
+    loads: int = 0  # get() calls that reached this tier
+    load_hits: int = 0
+    load_bytes: int = 0
+    load_seconds: float = 0.0
+    saves: int = 0  # puts into this tier: direct, write-through or promotion
+    saved_bytes: int = 0
+    save_seconds: float = 0.0
+    refused: int = 0  # puts the tier refused (entry larger than the tier)
+    errors: int = 0  # I/O errors, each handled as a miss or a skipped write
+    evicted_bytes: int = 0  # gauges, read from the backend at snapshot time
+    used_bytes: int = 0
+    capacity_bytes: int = 0
+
+
+@dataclass(slots=True)
+class StoreStats:
+    tiers: list[TierStats]
+    prefix_lookups: int = 0  # lookup_prefix() calls
+    prefix_hit_chunks: int = 0  # sum of their results
+    promotions: int = 0  # lower-tier hits copied upwards
+    writes_dropped: int = 0  # write-throughs dropped because the queue was full
+    queue_depth: int = 0  # gauge: write-throughs waiting now
+
+
+@dataclass(frozen=True, slots=True)
+class _WriteThrough:
+    key: ChunkKey
+    data: bytes
+    tiers: tuple[int, ...]
+
+
+_STOP = object()
+
+
+class TieredStore:
+    """Thread-safe facade over ``tiers`` (fastest first; at least one).
+
+    Owns the tiers: ``close`` closes them. ``put`` after ``close`` raises RuntimeError.
+    Backend I/O errors (OSError) never reach the caller: a failed read is a miss in that
+    tier, a failed write is skipped; both count in ``TierStats.errors``.
+    """
+
+    def __init__(self, tiers: Sequence[StoreBackend], queue_size: int = 64) -> None:
+        if not tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        self.tiers = list(tiers)
+        self._stats = StoreStats([TierStats(t.name) for t in self.tiers])
+        self._stats_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="kv-store-writethrough",
+                                        daemon=True)
+        self._writer.start()
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def lookup_prefix(self, keys: Sequence[ChunkKey]) -> int:
+        """How many leading ``keys`` some tier holds. Side-effect free apart from counters."""
+        n = 0
+        for key in keys:
+            if self.locate(key) is None:
+                break
+            n += 1
+        with self._stats_lock:
+            self._stats.prefix_lookups += 1
+            self._stats.prefix_hit_chunks += n
+        return n
+
+    def locate(self, key: ChunkKey) -> int | None:
+        """Index of the fastest tier holding ``key``, or None. Does not change recency."""
+        for i, tier in enumerate(self.tiers):
+            found = tier.contains(key)
+            self._count(i, lookups=1, hits=int(found))
+            if found:
+                return i
+        return None
+
+    def get(self, key: ChunkKey) -> bytes | None:
+        """The value from the fastest tier holding it, or None. A hit below tier 0 is
+        promoted: into tier 0 before returning, into the tiers between in the background."""
+        for i, tier in enumerate(self.tiers):
+            start = time.perf_counter()
+            try:
+                data = tier.get(key)
+            except OSError:
+                logger.exception("store tier %s: reading %s failed; treated as a miss",
+                                 tier.name, key)
+                self._count(i, errors=1)
+                data = None
+            hit = data is not None
+            self._count(i, loads=1, load_hits=int(hit), load_bytes=len(data) if hit else 0,
+                        load_seconds=time.perf_counter() - start)
+            if hit:
+                if i > 0:
+                    self._promote(key, data, i)
+                return data
+        return None
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def put(self, key: ChunkKey, data: BytesLike) -> None:
+        """Write ``data`` to tier 0 now and queue it for the tiers below. Never blocks on a
+        lower tier. Raises RuntimeError after ``close``."""
+        if self._closed:
+            raise RuntimeError("TieredStore is closed")
+        data = bytes(data)  # one immutable copy shared by every tier
+        self._save(0, key, data)
+        self._enqueue(key, data, tuple(range(1, len(self.tiers))))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued write-through is done; False if ``timeout`` ran out."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish queued write-throughs (up to ``timeout``), stop the writer, close the
+        tiers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            logger.warning("store writer still busy after %.1fs; closing anyway", timeout)
+        self._writer.join(timeout)
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> StoreStats:
+        """A consistent copy of the counters, with the tiers' gauges filled in."""
+        with self._stats_lock:
+            snap = copy.deepcopy(self._stats)
+        for s, tier in zip(snap.tiers, self.tiers, strict=True):
+            s.evicted_bytes, s.used_bytes = tier.evicted_bytes, tier.used_bytes
+            s.capacity_bytes = tier.capacity_bytes
+        snap.queue_depth = self._queue.qsize()
+        return snap
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _promote(self, key: ChunkKey, data: bytes, found_in: int) -> None:
+        with self._stats_lock:
+            self._stats.promotions += 1
+        self._save(0, key, data)
+        self._enqueue(key, data, tuple(range(1, found_in)))
+
+    def _enqueue(self, key: ChunkKey, data: bytes, tiers: tuple[int, ...]) -> None:
+        if not tiers:
+            return
+        try:
+            self._queue.put_nowait(_WriteThrough(key, data, tiers))
+        except queue.Full:
+            with self._stats_lock:
+                self._stats.writes_dropped += 1
+
+    def _save(self, i: int, key: ChunkKey, data: bytes) -> None:
+        """Put into tier ``i``, counting; errors are logged and counted, not raised."""
+        start = time.perf_counter()
+        try:
+            stored = self.tiers[i].put(key, data)
+        except Exception:  # a failed write must not kill the writer or reach the caller
+            logger.exception("store tier %s: writing %s failed", self.tiers[i].name, key)
+            self._count(i, errors=1)
+            return
+        self._count(i, saves=int(stored), saved_bytes=len(data) if stored else 0,
+                    refused=int(not stored), save_seconds=time.perf_counter() - start)
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                for i in item.tiers:
+                    self._write_through(i, item)
+            finally:
+                self._queue.task_done()
+
+    def _write_through(self, i: int, item: _WriteThrough) -> None:
+        try:
+            # Keys name content: a tier that holds the key already holds these bytes.
+            present = self.tiers[i].contains(item.key)
+        except Exception:
+            logger.exception("store tier %s: checking %s failed", self.tiers[i].name, item.key)
+            self._count(i, errors=1)
+            return
+        if not present:
+            self._save(i, item.key, item.data)
+
+    def _count(self, i: int, **increments: float) -> None:
+        with self._stats_lock:
+            s = self._stats.tiers[i]
+            for name, value in increments.items():
+                setattr(s, name, getattr(s, name) + value)
