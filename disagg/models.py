@@ -9,7 +9,8 @@ Cache layout (root: ``cache_dir``, else ``$DISAGG_CACHE_DIR``, else ``~/.cache/d
 
     <root>/tokenizers/bpe16k-<hash>/     tokenizer files, trained once, shared by all models
     <root>/models/<name>-<hash>/         one complete model folder per spec
-    <root>/models/.<name>-<hash>.tmp-*   a build in progress (renamed into place when done)
+    <root>/models/.<name>-<hash>.tmp-*   a build in progress (renamed into place when done;
+                                         a killed build's is removed by the next build)
 
 ``<hash>`` covers the spec, the weight recipe and :data:`GENERATOR_VERSION`: changing any
 of them builds a new folder instead of silently reusing a stale one. Folders appear only
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -248,7 +250,8 @@ def _build_atomically(final: Path, build: Callable[[Path], None], force: bool) -
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(final)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = final.parent / f".{final.name}.tmp-{owner}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         build(tmp)
@@ -276,14 +279,33 @@ def _discard(path: Path) -> None:
 
 
 def _remove_stale_builds(final: Path, max_age_s: float = 3600.0) -> None:
-    """Delete leftovers of killed builds of ``final`` (older than any real build takes)."""
-    now = time.time()
+    """Delete leftovers of killed builds of ``final``.
+
+    A leftover goes when its builder (host and pid are in its name) is a dead process on
+    this host, or when it is older than any real build takes (another host's, say).
+    """
+    now, host = time.time(), socket.gethostname()
     for leftover in final.parent.glob(f".{final.name}.*"):
         try:
-            if now - leftover.stat().st_mtime > max_age_s:
+            if _builder_is_dead(leftover.name, host) or now - leftover.stat().st_mtime > max_age_s:
                 shutil.rmtree(leftover, ignore_errors=True)
         except FileNotFoundError:
             pass  # another process cleaned it up first
+
+
+def _builder_is_dead(leftover: str, host: str) -> bool:
+    """Whether ``.<name>.tmp-<host>-<pid>-<uuid>`` was left by a dead process on ``host``."""
+    owner = leftover.rpartition(".tmp-")[2].rsplit("-", 1)[0]  # "<host>-<pid>"
+    owner_host, _, pid = owner.rpartition("-")
+    if owner_host != host or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

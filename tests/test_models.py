@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -119,8 +120,6 @@ def test_stale_leftovers_are_removed(tmp_path: Path) -> None:
     stale = final.parent / f".{final.name}.tmp-1-deadbeef"
     stale.mkdir(parents=True)
     old = time.time() - 2 * 3600
-    import os
-
     os.utime(stale, (old, old))
     models._build_atomically(final, lambda f: (f / "x").write_text("x"), force=False)
     assert sorted(p.name for p in final.parent.iterdir()) == ["m-123"]

@@ -23,6 +23,7 @@ class RecvOrder:
     remote_request_id: str
     local_block_ids: tuple[int, ...]
     remote_block_ids: tuple[int, ...]
+    source: str = "peer"  # which KVLoader fills the blocks (transfer/loaders.py)
 
 
 @dataclass(frozen=True, slots=True)

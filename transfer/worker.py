@@ -1,11 +1,9 @@
 """Worker side of the connector: serves its KV to decoders, pulls KV from prefills.
 
-Life of a pull on a decoder worker (all NIXL calls stay on the engine's thread; only the
-blocking side-channel handshake runs in a helper thread):
-
-    start_load_kv: RecvOrder --(peer known?)--> start_read --> in flight
-                             \\--(no)--> handshake in thread --> next step: start_read
-    get_finished:  poll reads: DONE -> finished_recving; ERR/timeout -> load error + abort notice
+A decoder worker routes each RecvOrder to the loader named by its source (``loaders.py``:
+today the NIXL ``PeerLoader``); get_finished polls every loader: a finished load is reported
+received, a failed one also as load errors (vLLM recomputes those blocks) plus an abort
+notice so the peer frees its copy at once.
 
 A prefill worker keeps each finished request's blocks until the decoder's READ notification
 names it, an abort notice arrives, or its lease runs out; then get_finished reports it sent.
@@ -16,34 +14,24 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from disagg.transfer import control
-from disagg.transfer.endpoint import KVEndpoint, Read
-from disagg.transfer.metadata import DisaggMetadata, PeerAddress, RecvOrder, ReleaseOrder
+from disagg.transfer.endpoint import KVEndpoint
+from disagg.transfer.loaders import KVLoader, PeerLoader
+from disagg.transfer.metadata import DisaggMetadata, RecvOrder, ReleaseOrder
 from disagg.transfer.protocol import (
     PROTOCOL_VERSION,
     AbortNotice,
     Compat,
     HandshakeReply,
-    HandshakeRequest,
     decode_message,
 )
 from disagg.transfer.settings import ConnectorSettings
 from disagg.transfer.stats import TransferStats
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Pull:
-    order: RecvOrder
-    deadline: float
-    started: float
-    read: Read | None = None
-    handshake: Future | None = None
 
 
 class DisaggWorker:
@@ -58,7 +46,7 @@ class DisaggWorker:
         self.endpoint: KVEndpoint | None = None
         self._server: control.SideChannelServer | None = None
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="disagg-hs")
-        self._pulls: dict[str, _Pull] = {}
+        self.loaders: dict[str, KVLoader] = {}  # by RecvOrder.source
         self._load_errors: set[int] = set()
         self._sends: dict[str, float] = {}  # request id -> lease deadline
         self._early_done: set[str] = set()  # notified before the send order arrived
@@ -70,6 +58,10 @@ class DisaggWorker:
         tensors = list(kv_caches.values())
         name = f"{self.engine_id}-tp{self.tp_rank}"
         self.endpoint = KVEndpoint(name, tensors, num_blocks, self.s.backends)
+        self.loaders["peer"] = PeerLoader(
+            self.endpoint, self.engine_id, self.tp_rank, self.compat,
+            self.s.handshake_timeout_s, self.s.transfer_timeout_s, lambda: self.stats,
+            self._pool)
         port = self.s.side_channel_port + self.tp_rank if self.s.side_channel_port else 0
         self._server = control.SideChannelServer(
             self.s.side_channel_bind, port, self._on_message, name=f"disagg-sc-{name}"
@@ -97,38 +89,14 @@ class DisaggWorker:
 
     # ---- per step ---------------------------------------------------------------------------
     def start(self, meta: DisaggMetadata) -> None:
-        """Take this step's orders: new pulls, releases, and held sends."""
+        """Take this step's orders: new loads, releases, and held sends."""
         now = time.monotonic()
         for rid, lease_s in meta.sends.items():
             self._sends[rid] = now + lease_s
         for rel in meta.releases:
             self._pool.submit(self._send_abort, rel)
         for order in meta.recvs:
-            pull = _Pull(order, now + self.s.transfer_timeout_s, now)
-            self._pulls[order.request_id] = pull
-            self._advance(pull)
-
-    def _advance(self, pull: _Pull) -> None:
-        """Post the READ once the peer is known, starting its handshake if needed."""
-        assert self.endpoint is not None
-        peer_id = pull.order.peer.engine_id
-        peer = self.endpoint.peer(peer_id)
-        if peer is None:
-            if pull.handshake is None:
-                pull.handshake = self._pool.submit(self._handshake, pull.order.peer)
-            if not pull.handshake.done():
-                return
-            peer = self.endpoint.add_peer(peer_id, pull.handshake.result())
-            self.stats.add("kv_handshakes")
-        o = pull.order
-        pull.read = self.endpoint.start_read(
-            peer, o.local_block_ids, o.remote_block_ids, o.remote_request_id.encode()
-        )
-
-    def _handshake(self, addr: PeerAddress) -> HandshakeReply:
-        req = HandshakeRequest(engine_id=self.engine_id, compat=self.compat)
-        return control.handshake(addr.host, addr.port + self.tp_rank, req,
-                                 self.s.handshake_timeout_s)
+            self.loaders[order.source].start(order)
 
     def _send_abort(self, rel: ReleaseOrder) -> None:
         try:
@@ -141,54 +109,22 @@ class DisaggWorker:
 
     def finished(self) -> tuple[set[str], set[str]]:
         """(done sending, done receiving) since the last call; drives NIXL progress."""
-        return self._finished_sends(), self._finished_pulls()
+        return self._finished_sends(), self._finished_loads()
 
-    def _finished_pulls(self) -> set[str]:
+    def _finished_loads(self) -> set[str]:
         done: set[str] = set()
-        now = time.monotonic()
-        for rid, pull in list(self._pulls.items()):
-            try:
-                state = self._poll(pull, now)
-            except Exception as exc:
-                logger.warning("request %s: pull from %s failed: %s", rid,
-                               pull.order.peer.engine_id, exc)
-                state = "ERR"
-            if state == "PROC":
-                continue
-            del self._pulls[rid]
-            done.add(rid)
-            if state == "DONE":
-                self._count_success(pull, now)
-            else:
-                self._fail(pull)
+        for loader in self.loaders.values():
+            for result in loader.poll():
+                done.add(result.order.request_id)
+                if not result.ok:
+                    self._fail(result.order)
         return done
 
-    def _poll(self, pull: _Pull, now: float) -> str:
-        if pull.read is None:
-            self._advance(pull)
-        if pull.read is not None:
-            state = self.endpoint.poll(pull.read)  # type: ignore[union-attr]
-            if state != "PROC":
-                return state
-        if now > pull.deadline:
-            raise TimeoutError(f"not done after {self.s.transfer_timeout_s}s")
-        return "PROC"
-
-    def _count_success(self, pull: _Pull, now: float) -> None:
-        assert pull.read is not None
-        self.stats.add("kv_bytes_received", pull.read.num_bytes)
-        self.stats.add("kv_blocks_received", len(pull.order.local_block_ids))
-        self.stats.add("kv_descriptors", pull.read.num_descriptors)
-        self.stats.add("kv_transfers_received")
-        self.stats.add("kv_transfer_seconds", now - pull.started)
-
-    def _fail(self, pull: _Pull) -> None:
+    def _fail(self, order: RecvOrder) -> None:
         """Report the blocks as load errors (vLLM recomputes them) and free the peer's."""
         self.stats.add("kv_transfer_failures")
-        self._load_errors.update(pull.order.local_block_ids)
-        self.endpoint.forget_peer(pull.order.peer.engine_id)  # type: ignore[union-attr]
-        self._pool.submit(self._send_abort,
-                          ReleaseOrder(pull.order.peer, pull.order.remote_request_id))
+        self._load_errors.update(order.local_block_ids)
+        self._pool.submit(self._send_abort, ReleaseOrder(order.peer, order.remote_request_id))
 
     def _finished_sends(self) -> set[str]:
         done: set[str] = set()
@@ -229,6 +165,8 @@ class DisaggWorker:
         return out
 
     def close(self) -> None:
+        for loader in self.loaders.values():
+            loader.close()
         if self._server is not None:
             self._server.close()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,147 @@
+"""Where a decoder's missing blocks come from: the seam between the connector and its sources.
+
+A ``KVLoader`` fills local blocks named by ``RecvOrder``s, asynchronously, and is polled once
+per engine step. The connector's worker routes each order to the loader named by
+``RecvOrder.source``. Today there is one, ``PeerLoader`` (NIXL READs from the prefill
+instance); the KV store (CPU/disk/Redis tiers) plugs in as a second loader behind the same
+interface, and a failed peer pull can be retried against it before falling back to
+recompute.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from disagg.transfer import control
+from disagg.transfer.endpoint import KVEndpoint, Read
+from disagg.transfer.metadata import PeerAddress, RecvOrder
+from disagg.transfer.protocol import Compat, HandshakeReply, HandshakeRequest
+from disagg.transfer.stats import TransferStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LoadResult:
+    order: RecvOrder
+    ok: bool
+    reason: str = ""
+
+
+class KVLoader(ABC):
+    """Fills local KV blocks for orders; never blocks the engine's step."""
+
+    name: str
+
+    @abstractmethod
+    def start(self, order: RecvOrder) -> None:
+        """Begin loading ``order``; called once per order, on the engine's thread."""
+
+    @abstractmethod
+    def poll(self) -> list[LoadResult]:
+        """Orders finished (loaded or failed) since the last call; drives progress."""
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class _Pull:
+    order: RecvOrder
+    deadline: float
+    started: float
+    read: Read | None = None
+    handshake: Future | None = None
+
+
+class PeerLoader(KVLoader):
+    """Pulls blocks from a prefill peer with NIXL READs, handshaking on first contact.
+
+    All NIXL calls stay on the engine's thread; only the blocking side-channel handshake
+    runs in a helper thread. A pull not done by ``timeout_s`` fails; the peer is then
+    forgotten (the next pull handshakes again, e.g. with its restarted incarnation).
+    """
+
+    name = "peer"
+
+    def __init__(self, endpoint: KVEndpoint, engine_id: str, tp_rank: int, compat: Compat,
+                 handshake_timeout_s: float, timeout_s: float, stats: Callable[[], TransferStats],
+                 pool: ThreadPoolExecutor):
+        self.endpoint, self.engine_id, self.tp_rank = endpoint, engine_id, tp_rank
+        self.compat, self._stats, self._pool = compat, stats, pool
+        self.handshake_timeout_s, self.timeout_s = handshake_timeout_s, timeout_s
+        self._pulls: dict[str, _Pull] = {}
+
+    def start(self, order: RecvOrder) -> None:
+        now = time.monotonic()
+        pull = _Pull(order, now + self.timeout_s, now)
+        self._pulls[order.request_id] = pull
+        self._advance(pull)
+
+    def _advance(self, pull: _Pull) -> None:
+        """Post the READ once the peer is known, starting its handshake if needed."""
+        peer_id = pull.order.peer.engine_id
+        peer = self.endpoint.peer(peer_id)
+        if peer is None:
+            if pull.handshake is None:
+                pull.handshake = self._pool.submit(self._handshake, pull.order.peer)
+            if not pull.handshake.done():
+                return
+            peer = self.endpoint.add_peer(peer_id, pull.handshake.result())
+            self._stats().add("kv_handshakes")
+        o = pull.order
+        pull.read = self.endpoint.start_read(
+            peer, o.local_block_ids, o.remote_block_ids, o.remote_request_id.encode()
+        )
+
+    def _handshake(self, addr: PeerAddress) -> HandshakeReply:
+        req = HandshakeRequest(engine_id=self.engine_id, compat=self.compat)
+        return control.handshake(addr.host, addr.port + self.tp_rank, req,
+                                 self.handshake_timeout_s)
+
+    def poll(self) -> list[LoadResult]:
+        done: list[LoadResult] = []
+        now = time.monotonic()
+        for rid, pull in list(self._pulls.items()):
+            try:
+                state = self._state(pull, now)
+            except Exception as exc:
+                logger.warning("request %s: pull from %s failed: %s", rid,
+                               pull.order.peer.engine_id, exc)
+                state, reason = "ERR", str(exc)
+            else:
+                reason = "" if state != "ERR" else "NIXL transfer error"
+            if state == "PROC":
+                continue
+            del self._pulls[rid]
+            if state == "DONE":
+                self._count(pull, now)
+            else:
+                self.endpoint.forget_peer(pull.order.peer.engine_id)
+            done.append(LoadResult(pull.order, state == "DONE", reason))
+        return done
+
+    def _state(self, pull: _Pull, now: float) -> str:
+        if pull.read is None:
+            self._advance(pull)
+        if pull.read is not None:
+            state = self.endpoint.poll(pull.read)
+            if state != "PROC":
+                return state
+        if now > pull.deadline:
+            raise TimeoutError(f"not done after {self.timeout_s}s")
+        return "PROC"
+
+    def _count(self, pull: _Pull, now: float) -> None:
+        assert pull.read is not None
+        s = self._stats()
+        s.add("kv_bytes_received", pull.read.num_bytes)
+        s.add("kv_blocks_received", len(pull.order.local_block_ids))
+        s.add("kv_descriptors", pull.read.num_descriptors)
+        s.add("kv_transfers_received")
+        s.add("kv_transfer_seconds", now - pull.started)
