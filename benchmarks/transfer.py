@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from disagg.transfer.metadata import DisaggMetadata, PeerAddress, RecvOrder
 from disagg.transfer.protocol import Compat
 from disagg.transfer.settings import ConnectorSettings

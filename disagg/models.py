@@ -55,7 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Bump when the output of a build changes for the same spec (weights scheme, file contents).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 CACHE_ENV = "DISAGG_CACHE_DIR"
 
@@ -279,13 +279,13 @@ def _discard(path: Path) -> None:
 
 
 def _remove_stale_builds(final: Path, max_age_s: float = 3600.0) -> None:
-    """Delete leftovers of killed builds of ``final``.
+    """Delete leftovers of killed builds beside ``final`` (of any model in that folder).
 
     A leftover goes when its builder (host and pid are in its name) is a dead process on
     this host, or when it is older than any real build takes (another host's, say).
     """
     now, host = time.time(), socket.gethostname()
-    for leftover in final.parent.glob(f".{final.name}.*"):
+    for leftover in final.parent.glob(".*"):
         try:
             if _builder_is_dead(leftover.name, host) or now - leftover.stat().st_mtime > max_age_s:
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -417,7 +417,10 @@ def _write_model(spec: ModelSpec, tokenizer_dir: Path, folder: Path) -> None:
         shutil.copyfile(tokenizer_dir / name, folder / name)
     _write_json(folder / "config.json", _hf_config(spec, ids))
     # No sampling parameters: requests decide (greedy when they ask for temperature 0).
-    generation = {"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[IM_END]]}
+    # The weights never emit EOS, so cap a request that names no max_tokens (vLLM takes its
+    # default from max_new_tokens) instead of letting it run to max_model_len.
+    generation = {"bos_token_id": ids[BOS], "eos_token_id": [ids[EOS], ids[IM_END]],
+                  "max_new_tokens": 256}
     _write_json(folder / "generation_config.json", {**generation, "pad_token_id": ids[PAD]})
     _write_weights(spec, ids, folder / "model.safetensors")
 

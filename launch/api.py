@@ -21,10 +21,10 @@ from typing import Any
 
 import ray
 import uvicorn
-from disagg.launch.placement import assign_cores
-from disagg.launch.topology import Topology, load_topology, parse_topology
 
 from disagg.instance import InstanceInfo, InstanceSpec, free_port, stop_local_supervisor
+from disagg.launch.placement import assign_cores
+from disagg.launch.topology import Topology, load_topology, parse_topology
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,10 @@ class Deployment:
             logger.info("instance %s ready: engine %s at %s", key, info.engine_id, info.url)
 
     def _start_gateway(self, port: int | None) -> None:
-        from disagg.scheduler import make_policy
-
         from disagg.gateway import Gateway
         from disagg.metrics import GatewayMetrics
         from disagg.pool import InstancePool
+        from disagg.scheduler import make_policy
 
         t = self.topology
         metrics = GatewayMetrics()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import torch
+
 from disagg.transfer.metadata import DisaggMetadata, PeerAddress, RecvOrder
 from disagg.transfer.protocol import Compat
 from disagg.transfer.settings import ConnectorSettings

@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+
 from disagg.kernels import (
     KVLayout,
     gather_blocks,

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from disagg.transfer.layout import Run, coalesce, descriptors, planes_of, storage_regions
 
 

@@ -3,6 +3,7 @@
 from collections import Counter
 
 import pytest
+
 from disagg.scheduler import Candidate, RequestInfo, make_policy
 
 

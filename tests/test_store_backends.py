@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from disagg.transfer.store import BACKENDS, CpuBackend, DiskBackend, FakeBackend, StoreBackend
 from disagg.transfer.store.disk import HEADER
 from disagg.transfer.store.keys import ChunkKey

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+
 from disagg.transfer.store.keys import (
     ChunkKey,
     KVFingerprint,

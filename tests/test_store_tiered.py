@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from disagg.transfer.store import CpuBackend, DiskBackend, FakeBackend, TieredStore
 from disagg.transfer.store.disk import HEADER
 from disagg.transfer.store.keys import ChunkKey

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from disagg.launch.placement import assign_cores
 from disagg.launch.topology import Topology, TopologyError, load_topology, parse_topology
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+
 from disagg.transfer import control
 from disagg.transfer.endpoint import KVEndpoint
 from disagg.transfer.protocol import (

@@ -19,17 +19,18 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
 from disagg.transfer.metadata import DisaggMetadata
 from disagg.transfer.protocol import Compat
 from disagg.transfer.scheduler_side import DisaggScheduler
 from disagg.transfer.settings import ConnectorSettings
 from disagg.transfer.stats import DisaggPromMetrics, TransferStats
 from disagg.transfer.worker import DisaggWorker
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1,
-    KVConnectorMetadata,
-    KVConnectorRole,
-)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

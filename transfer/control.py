@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 
 import zmq
+
 from disagg.transfer.protocol import ErrorReply, HandshakeReply, HandshakeRequest, _Msg
 
 logger = logging.getLogger(__name__)

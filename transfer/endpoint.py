@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from disagg.transfer.layout import Plane, coalesce, descriptors, planes_of, storage_regions
 from disagg.transfer.protocol import HandshakeReply, PlaneInfo
 

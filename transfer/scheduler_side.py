@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from disagg.transfer.metadata import DisaggMetadata, PeerAddress, RecvOrder, ReleaseOrder
 from disagg.transfer.protocol import KVTransferParams
 from disagg.transfer.settings import ConnectorSettings
-from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
 from disagg.transfer import control
 from disagg.transfer.endpoint import KVEndpoint
 from disagg.transfer.loaders import KVLoader, PeerLoader
