@@ -27,8 +27,8 @@ def _caches(dtype, fill: bool):
 
 
 def _wait(endpoint: KVEndpoint, read, peer_side: KVEndpoint, notes: list[bytes]) -> str:
-    """Poll like two engines do: the reader its READ, the holder its notifications (with
-    NIXL's progress thread off, those polls are what drive both agents)."""
+    """Poll like two engines do: the reader its READ, the holder its notifications (both
+    agents' progress threads advance the transfer meanwhile)."""
     deadline = time.monotonic() + 10
     while (state := endpoint.poll(read)) == "PROC":
         notes.extend(peer_side.notifications())
@@ -44,6 +44,7 @@ def test_read_moves_exact_blocks_and_notifies(dtype):
     reply = HandshakeReply(engine_id="p", agent_name=p.name, agent_metadata=p.metadata(),
                            planes=p.plane_infos())
     peer = d.add_peer("p", reply)
+    p.expect_notifications(True)  # the holder's worker does this while it holds blocks
     read = d.start_read(peer, [3, 4, 5, 9], [10, 11, 12, 0], b"req-7")
     assert read.num_descriptors == 2 * 3  # two runs, three layers
     notes: list[bytes] = []

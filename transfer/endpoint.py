@@ -1,9 +1,9 @@
 """A worker's NIXL endpoint: one agent, its registered KV planes, and block reads from peers.
 
 This is the whole data path of a KV pull, used by the connector and by
-``benchmarks/transfer.py`` alike. NIXL's progress thread is off: an idle agent with it on
-spins a core (BRIEF §3); progress is driven by our own polls (``poll``, ``notifications``),
-which the engine makes once per step while transfers are pending.
+``benchmarks/transfer.py`` alike. NIXL's progress thread is off (an idle agent with it on
+spins a core, BRIEF §3); ``ProgressDriver`` advances transfers and collects notifications
+only while there is work, so neither side waits for the other's engine step.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from disagg.transfer.layout import Plane, coalesce, descriptors, planes_of, storage_regions
+from disagg.transfer.progress import ProgressDriver, Tracked
 from disagg.transfer.protocol import HandshakeReply, PlaneInfo
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class Peer:
 class Read:
     """An in-flight READ: its NIXL handle and what it moves."""
 
-    handle: object
+    tracked: Tracked
     num_bytes: int
     num_descriptors: int
 
@@ -49,13 +50,18 @@ class KVEndpoint:
         from nixl._api import nixl_agent, nixl_agent_config
 
         self.name = name
-        cfg = nixl_agent_config(enable_prog_thread=False, backends=list(backends))
+        from nixl._api import nixl_thread_sync_t
+
+        # STRICT: our progress thread and the engine's thread both call into the agent.
+        cfg = nixl_agent_config(enable_prog_thread=False, backends=list(backends),
+                                sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.agent = nixl_agent(name, cfg)
         self.planes: list[Plane] = [p for t in kv_caches for p in planes_of(t, num_blocks)]
         self.mem_type = "VRAM" if kv_caches[0].is_cuda else "DRAM"
         regions = [(*r, "") for r in storage_regions(kv_caches)]
         self._reg = self.agent.register_memory(regions, self.mem_type)
         self._peers: dict[str, Peer] = {}
+        self.progress = ProgressDriver(self.agent, name=f"nixl-progress-{name}")
 
     def metadata(self) -> bytes:
         return self.agent.get_agent_metadata()
@@ -106,20 +112,22 @@ class KVEndpoint:
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
             raise RuntimeError("NIXL refused to post the READ")
-        return Read(handle, sum(d[1] for d in local), len(local))
+        return Read(self.progress.track(handle), sum(d[1] for d in local), len(local))
 
     def poll(self, read: Read) -> str:
-        """'DONE', 'PROC' or 'ERR'; a finished handle (DONE or ERR) is released."""
-        state = self.agent.check_xfer_state(read.handle)
-        if state != "PROC":
-            self.agent.release_xfer_handle(read.handle)
-        return state
+        """'DONE', 'PROC' or 'ERR' (the progress thread releases finished handles)."""
+        return read.tracked.state
+
+    def expect_notifications(self, on: bool) -> None:
+        """Collect completion notifications while blocks are held for decoders."""
+        self.progress.want_notifications(on)
 
     def notifications(self) -> list[bytes]:
         """Messages that peers' completed READs carried since the last call."""
-        return [m for msgs in self.agent.get_new_notifs().values() for m in msgs]
+        return self.progress.notifications()
 
     def close(self) -> None:
+        self.progress.close()
         for engine_id in list(self._peers):
             self.forget_peer(engine_id)
         try:

@@ -94,6 +94,8 @@ class DisaggWorker:
         now = time.monotonic()
         for rid, lease_s in meta.sends.items():
             self._sends[rid] = now + lease_s
+        if meta.sends and self.endpoint is not None:
+            self.endpoint.expect_notifications(True)
         for rel in meta.releases:
             self._pool.submit(self._send_abort, rel)
         for order in meta.recvs:
@@ -150,6 +152,7 @@ class DisaggWorker:
                 done.add(rid)
                 self.stats.add("kv_sends_expired")
                 logger.warning("request %s: lease expired, blocks freed unread", rid)
+        self.endpoint.expect_notifications(bool(self._sends))
         # Notices for requests that never become sends (aborted on this side) must not pile up.
         if len(self._early_done) > 10_000:
             self._early_done.clear()
