@@ -118,6 +118,10 @@ class KVEndpoint:
         """'DONE', 'PROC' or 'ERR' (the progress thread releases finished handles)."""
         return read.tracked.state
 
+    def abandon(self, read: Read) -> None:
+        """Give up on a READ (timed out): stop polling it and abort it."""
+        self.progress.abandon(read.tracked)
+
     def expect_notifications(self, on: bool) -> None:
         """Collect completion notifications while blocks are held for decoders."""
         self.progress.want_notifications(on)

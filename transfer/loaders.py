@@ -134,6 +134,8 @@ class PeerLoader(KVLoader):
             if state != "PROC":
                 return state
         if now > pull.deadline:
+            if pull.read is not None:
+                self.endpoint.abandon(pull.read)
             raise TimeoutError(f"not done after {self.timeout_s}s")
         return "PROC"
 

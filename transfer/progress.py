@@ -27,6 +27,7 @@ class Tracked:
 
     handle: object
     state: str = "PROC"
+    cancelled: bool = False
 
 
 class ProgressDriver:
@@ -47,6 +48,13 @@ class ProgressDriver:
             self._inflight.append(item)
             self._cv.notify()
         return item
+
+    def abandon(self, item: Tracked) -> None:
+        """Give up on a transfer (timed out): it reads 'ERR' now, and the progress thread,
+        the only one touching tracked handles, releases (aborts) it on its next tick."""
+        with self._cv:
+            if item.state == "PROC":
+                item.state, item.cancelled = "ERR", True
 
     def want_notifications(self, on: bool) -> None:
         """Collect peers' notifications while ``on`` (blocks are held for decoders)."""
@@ -78,18 +86,28 @@ class ProgressDriver:
     def _tick(self, inflight: list[Tracked], want_notifs: bool) -> None:
         finished = []
         for item in inflight:
+            if item.cancelled:
+                self._release(item)
+                finished.append(item)
+                continue
             state = self._agent.check_xfer_state(item.handle)
             if state != "PROC":
-                self._agent.release_xfer_handle(item.handle)
+                self._release(item)
                 item.state = state
                 finished.append(item)
         if finished:
             with self._cv:
-                self._inflight = [t for t in self._inflight if t.state == "PROC"]
+                self._inflight = [t for t in self._inflight if t not in finished]
         if want_notifs or not inflight:
             for msgs in self._agent.get_new_notifs().values():
                 for m in msgs:
                     self._notifs.put(m)
+
+    def _release(self, item: Tracked) -> None:
+        try:
+            self._agent.release_xfer_handle(item.handle)
+        except Exception as exc:  # NIXL may refuse to abort an active transfer
+            logger.warning("releasing a NIXL transfer handle: %s", exc)
 
     def close(self) -> None:
         with self._cv:
