@@ -155,6 +155,7 @@ class VLLMProcess:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(self.spec.engine.kv_cache_gib)
         if self.spec.cpu_cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.spec.cpu_cores))
+            env["DISAGG_CPU_AFFINITY"] = env["VLLM_CPU_OMP_THREADS_BIND"]
         # The engine runs in this process tree; keep Ray from adopting its children.
         env.pop("RAY_ADDRESS", None)
         return env

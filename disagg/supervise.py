@@ -52,6 +52,13 @@ def main(argv: list[str]) -> int:
     # must not inherit it or it loses the CPU to anything else on the node.
     with contextlib.suppress(PermissionError, OSError):
         os.setpriority(os.PRIO_PROCESS, 0, 0)
+    # Confine the whole engine (API server, engine core, workers) to the instance's cores, not
+    # only its OpenMP threads: otherwise a busy-polling engine core or API server of one
+    # instance steals cycles from another instance's forward passes.
+    cores = os.environ.get("DISAGG_CPU_AFFINITY")
+    if cores:
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
     proc = subprocess.Popen(argv[1:], start_new_session=True, stdin=subprocess.DEVNULL,
                             preexec_fn=_term_with_parent)
     stop = threading.Event()
