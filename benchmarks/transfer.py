@@ -81,8 +81,9 @@ def holder(conn, num_blocks: int, raw_bytes: int) -> None:
                 break
             sends[msg] = 600.0  # the reader announces each request id it will pull
             worker.start(DisaggMetadata(sends={msg: 600.0}))
-        worker.finished()  # the engine's per-step poll: drives NIXL progress, frees blocks
+        worker.finished()  # the engine's per-step poll: frees blocks once notified
         agent.get_new_notifs()
+        time.sleep(0.0001)  # an engine polls once per step; never spin on the GIL
     worker.close()
 
 
@@ -131,7 +132,7 @@ def _run_reader(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repe
         order = RecvOrder(rid, peer, rid, tuple(range(blocks, 2 * blocks)), tuple(range(blocks)))
         reader.start(DisaggMetadata(recvs=[order]))
         while rid not in reader.finished()[1]:
-            pass
+            time.sleep(0.0001)  # an engine polls once per step, it does not spin
         assert not reader.load_errors()
 
     agent, buf = _raw_agent("raw-reader", nbytes)

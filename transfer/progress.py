@@ -5,9 +5,9 @@ do (BRIEF §3). Without any progress thread, transfers only advance when the eng
 once per step; a prefill instance in the middle of a multi-second forward pass then holds
 up every decoder's READ of its blocks for that long (rendezvous needs both sides).
 
-This thread polls only while there is work: READs in flight (their state is checked and
-recorded) or blocks held for decoders (their completion notifications are collected). Then
-it wakes every ``interval_s``; otherwise it sleeps on a condition. The agent runs in NIXL's
+This thread polls only while there is work: READs in flight (polled back to back: they
+last milliseconds) or blocks held for decoders (notifications collected every
+``interval_s``); otherwise it sleeps on a condition and costs nothing. The agent runs in NIXL's
 STRICT thread-sync mode, so the engine's thread may post transfers meanwhile.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,11 @@ class ProgressDriver:
                 self._tick(inflight, want)
             except Exception as exc:  # never let a NIXL error kill progress for everyone
                 logger.warning("NIXL progress: %s", exc)
-            with self._cv:
-                self._cv.wait(self._interval)
+            if inflight:
+                time.sleep(0)  # a READ is moving: poll again at once, only yielding the GIL
+            else:
+                with self._cv:  # only holding blocks for decoders: a gentler cadence
+                    self._cv.wait(self._interval)
 
     def _tick(self, inflight: list[Tracked], want_notifs: bool) -> None:
         finished = []
