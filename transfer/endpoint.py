@@ -2,8 +2,10 @@
 
 This is the whole data path of a KV pull, used by the connector and by
 ``benchmarks/transfer.py`` alike. NIXL's progress thread is off (an idle agent with it on
-spins a core, BRIEF §3); ``ProgressDriver`` advances transfers and collects notifications
-only while there is work, so neither side waits for the other's engine step.
+spins a core, BRIEF §3). The reader polls its READs on its engine's thread, once per (short,
+decode) step; the holder, whose steps can be multi-second prefills, gets a
+``ProgressDriver`` that collects notifications (and so advances its side of the transfers)
+only while it holds blocks for a decoder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from disagg.transfer.layout import Plane, coalesce, descriptors, planes_of, storage_regions
-from disagg.transfer.progress import ProgressDriver, Tracked
+from disagg.transfer.progress import ProgressDriver
 from disagg.transfer.protocol import HandshakeReply, PlaneInfo
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ class Peer:
 class Read:
     """An in-flight READ: its NIXL handle and what it moves."""
 
-    tracked: Tracked
+    handle: object
     num_bytes: int
     num_descriptors: int
 
@@ -112,15 +114,24 @@ class KVEndpoint:
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
             raise RuntimeError("NIXL refused to post the READ")
-        return Read(self.progress.track(handle), sum(d[1] for d in local), len(local))
+        return Read(handle, sum(d[1] for d in local), len(local))
 
     def poll(self, read: Read) -> str:
-        """'DONE', 'PROC' or 'ERR' (the progress thread releases finished handles)."""
-        return read.tracked.state
+        """'DONE', 'PROC' or 'ERR'; a finished handle (DONE or ERR) is released.
+
+        The reader's engine polls once per step: its steps are short (decode), and keeping
+        every call on its thread avoids contending for the agent's lock."""
+        state = self.agent.check_xfer_state(read.handle)
+        if state != "PROC":
+            self.agent.release_xfer_handle(read.handle)
+        return state
 
     def abandon(self, read: Read) -> None:
-        """Give up on a READ (timed out): stop polling it and abort it."""
-        self.progress.abandon(read.tracked)
+        """Give up on a READ (timed out): release (abort) its handle."""
+        try:
+            self.agent.release_xfer_handle(read.handle)
+        except Exception as exc:  # NIXL may refuse to abort an active transfer
+            logger.warning("releasing a timed-out READ: %s", exc)
 
     def expect_notifications(self, on: bool) -> None:
         """Collect completion notifications while blocks are held for decoders."""
