@@ -2,11 +2,14 @@
 
     client -> POST /v1/(chat/)completions
       1. auth, JSON, model, max_tokens checks            (4xx, OpenAI error body)
-      2. decode = decode policy; prefill = prefill policy (or none: local prefill)
-      3. prefill: same body, max_tokens=1, stream=false, kv_transfer_params.do_remote_decode
+      2. tokenize, block hashes, prefix hits per instance (from the KV-event index)
+      3. decode = decode policy; the decider says whether the decoder's uncached part of
+         the prompt is worth a prefill hop (else: local prefill on the decoder)
+      4. prefill = prefill policy: same body, max_tokens=1, stream=false,
+         kv_transfer_params.do_remote_decode
          - 4xx: the client's fault (e.g. prompt too long): returned as is
          - 5xx, refused, timeout: counted, and the decoder prefills locally instead
-      4. decode: original body + the prefill's kv_transfer_params, streamed back verbatim
+      5. decode: original body + the prefill's kv_transfer_params, streamed back verbatim
 
 The client never sees a prefill fault; a decode that fails before answering is retried once
 on another decoder.
@@ -14,6 +17,7 @@ on another decoder.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,9 +32,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from disagg.errors import APIError
+from disagg.instance import InstanceInfo
 from disagg.metrics import GatewayMetrics
 from disagg.pool import InstancePool, Member
 from disagg.scheduler.base import Policy, RequestInfo
+from disagg.scheduler.decider import PrefillDecider
+from disagg.scheduler.hashing import RequestHasher, external_block_hashes
+from disagg.scheduler.kv_events import KVEventSubscriber
+from disagg.scheduler.kv_index import PrefixIndex
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +47,18 @@ logger = logging.getLogger(__name__)
 class Gateway:
     def __init__(self, pool: InstancePool, metrics: GatewayMetrics, prefill_policy: Policy,
                  decode_policy: Policy, served_model_name: str, max_model_len: int,
-                 api_key: str | None = None, request_timeout_s: float = 600.0):
+                 api_key: str | None = None, request_timeout_s: float = 600.0,
+                 decider: PrefillDecider | None = None, hasher: RequestHasher | None = None,
+                 index: PrefixIndex | None = None, block_size: int | None = None):
         self.pool, self.metrics = pool, metrics
         self.prefill_policy, self.decode_policy = prefill_policy, decode_policy
         self.model, self.max_model_len = served_model_name, max_model_len
         self.api_key = api_key
+        self.decider = decider or PrefillDecider(min_uncached_tokens=0)
+        self.hasher, self.index = hasher, index
+        # Learned from the first KV event when the topology leaves it to vLLM's default.
+        self.block_size = block_size
+        self._events: KVEventSubscriber | None = None
         self._timeout = httpx.Timeout(request_timeout_s, connect=5.0)
         self._client: httpx.AsyncClient | None = None
         self.app = self._build_app()
@@ -53,9 +69,12 @@ class Gateway:
         async def lifespan(app: FastAPI):
             limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
             self._client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+            self._start_events()
             await self.pool.start()
             yield
             await self.pool.close()
+            if self._events is not None:
+                await self._events.close()
             await self._client.aclose()
 
         app = FastAPI(title="disagg", lifespan=lifespan)
@@ -66,6 +85,26 @@ class Gateway:
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         return app
+
+    def _start_events(self) -> None:
+        if self.index is None:
+            return
+        self._events = KVEventSubscriber(self.index, on_block_size=self._learn_block_size)
+
+        def watch(member: Member, old: InstanceInfo | None) -> None:
+            if old is not None:
+                self._events.unwatch(old.engine_id)  # a restarted engine starts empty
+            if member.info.kv_events_endpoint:
+                self._events.watch(member.info.engine_id, member.info.kv_events_endpoint,
+                                   member.info.kv_replay_endpoint)
+
+        for member in self.pool.members.values():
+            watch(member, None)
+        self.pool.listeners.append(watch)
+
+    def _learn_block_size(self, size: int) -> None:
+        if self.block_size is None:
+            self.block_size = size
 
     async def health(self) -> Response:
         ok = bool(self.pool.available("decode"))
@@ -128,8 +167,15 @@ class Gateway:
             body = await self._parse(request, path)
             rid = f"disagg-{uuid.uuid4().hex[:16]}"
             info = RequestInfo(rid, headers=dict(request.headers))
-            kv_params = await self._prefill(path, body, info)
-            response = await self._decode(path, body, kv_params, info, start)
+            await self._annotate(path, body, info)
+            decoder = self._pick("decode", info)
+            prefill = [m.candidate for m in self.pool.available("prefill")]
+            decision = self.decider.decide(info.uncached_tokens(decoder.info.engine_id),
+                                           prefill)
+            self.metrics.decisions.labels("remote" if decision.remote else "local",
+                                          decision.reason).inc()
+            kv_params = await self._prefill(path, body, info) if decision.remote else None
+            response = await self._decode(path, body, kv_params, info, start, decoder)
         except APIError as exc:
             self.metrics.requests.labels(path, str(exc.status)).inc()
             return exc.response()
@@ -143,10 +189,26 @@ class Gateway:
         chosen = policy.choose([m.candidate for m in members], info)
         return next(m for m in members if m.candidate is chosen)
 
+    async def _annotate(self, path: str, body: dict, info: RequestInfo) -> None:
+        """Fill the request's token count, block hashes and prefix hits per instance."""
+        if self.hasher is None:
+            return
+        tokens = await asyncio.to_thread(self.hasher.tokenize, path, body)
+        if tokens is None:
+            return
+        info.prompt_tokens = len(tokens)
+        if self.index is None or not self.block_size:
+            return
+        # vLLM always computes the last prompt token, so a hit never covers all of it.
+        info.block_hashes = external_block_hashes(tokens[:-1], self.block_size)
+        for m in self.pool.members.values():
+            hit = self.index.match(m.info.engine_id, info.block_hashes)
+            if hit:
+                info.cached_tokens[m.info.engine_id] = hit * self.block_size
+
     async def _prefill(self, path: str, body: dict, info: RequestInfo) -> dict | None:
         """Run the prefill hop; None means the decoder prefills locally."""
-        if not self.pool.available("prefill"):
-            self.metrics.decisions.labels("local", "no_prefill_instance").inc()
+        if not self.pool.available("prefill"):  # went down since the decision
             return None
         member = self._pick("prefill", info)
         pbody = {**body, "max_tokens": 1, "stream": False,
@@ -173,24 +235,23 @@ class Gateway:
         params = resp.json().get("kv_transfer_params")
         if not params:
             return self._prefill_failed(member, info, "no kv_transfer_params in the answer")
-        self.metrics.decisions.labels("remote", "prefill_pool").inc()
         return params
 
     def _prefill_failed(self, member: Member, info: RequestInfo, why: str) -> None:
         logger.warning("request %s: prefill on %s (%s) failed, decoding locally: %s",
                        info.request_id, member.key, member.info.engine_id, why)
         self.metrics.failures.labels("prefill", member.key).inc()
-        self.metrics.decisions.labels("local", "prefill_failed").inc()
         if "Connect" in why:  # refused: the instance is gone, stop routing to it now
             self.pool.mark_down(member, why)
         return None
 
     async def _decode(self, path: str, body: dict, kv_params: dict | None, info: RequestInfo,
-                      start: float) -> Response:
+                      start: float, member: Member) -> Response:
         dbody = {**body, "kv_transfer_params": kv_params} if kv_params else body
         tried: set[str] = set()
         while True:
-            member = self._pick("decode", info, exclude=tried)
+            if member.key in tried or not member.healthy:
+                member = self._pick("decode", info, exclude=tried)
             tried.add(member.key)
             req = self._client.build_request("POST", member.info.url + path, json=dbody,
                                              headers={"X-Request-Id": info.request_id})

@@ -44,6 +44,7 @@ class InstanceSpec(BaseModel):
     tensor_parallel_size: int = 1
     cpu_cores: list[int] = Field(default_factory=list, description="Cores to pin, CPU only.")
     side_channel_port: int = Field(0, ge=0, description="0 picks a free port.")
+    kv_events: bool = Field(True, description="Publish vLLM's KV-cache events (ZMQ).")
     log_dir: str
 
 
@@ -59,6 +60,8 @@ class InstanceInfo(BaseModel):
     side_channel_port: int
     pid: int
     log_path: str
+    kv_events_endpoint: str | None = None  # vLLM's KV-event PUB socket, to connect to
+    kv_replay_endpoint: str | None = None  # its replay ROUTER socket
 
 
 class InstanceLoad(BaseModel):
@@ -98,6 +101,8 @@ class VLLMProcess:
         self.host = node_ip()
         self.port = free_port()
         self.side_channel_port = spec.side_channel_port or free_port()
+        self.events_port, self.replay_port = (free_port(), free_port()) if spec.kv_events \
+            else (0, 0)
         self.engine_id = f"{spec.role}-{spec.index}-{uuid.uuid4().hex[:8]}"
         Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
         self.log_path = str(Path(spec.log_dir) / f"{self.engine_id}.log")
@@ -148,6 +153,11 @@ class VLLMProcess:
             cmd.append("--enforce-eager")
         cmd.append("--enable-prefix-caching" if e.enable_prefix_caching
                    else "--no-enable-prefix-caching")
+        if self.events_port:
+            cmd += ["--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True, "publisher": "zmq",
+                "endpoint": f"tcp://*:{self.events_port}",
+                "replay_endpoint": f"tcp://*:{self.replay_port}"})]
         return cmd + list(e.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -203,6 +213,10 @@ class VLLMProcess:
             role=self.spec.role, index=self.spec.index, engine_id=self.engine_id,
             url=self.url, side_channel_port=self.side_channel_port,
             pid=self._proc.pid if self._proc else -1, log_path=self.log_path,
+            kv_events_endpoint=f"tcp://{self.host}:{self.events_port}" if self.events_port
+            else None,
+            kv_replay_endpoint=f"tcp://{self.host}:{self.replay_port}" if self.replay_port
+            else None,
         )
 
     def stop(self, timeout_s: float = 20.0) -> None:

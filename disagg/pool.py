@@ -23,6 +23,9 @@ from disagg.scheduler.base import Candidate
 logger = logging.getLogger(__name__)
 
 Locate = Callable[[str], Awaitable[InstanceInfo | None]]
+# Called with (member, its previous InstanceInfo or None) when a member is added or comes
+# back as a new engine; e.g. the gateway re-subscribes to the engine's KV events.
+Listener = Callable[["Member", InstanceInfo | None], None]
 
 
 @dataclass
@@ -52,9 +55,12 @@ class InstancePool:
         self._interval = interval_s
         self._client = httpx.AsyncClient(timeout=timeout_s)
         self._task: asyncio.Task | None = None
+        self.listeners: list[Listener] = []
 
     def add(self, key: str, info: InstanceInfo, healthy: bool = True) -> None:
-        self.members[key] = Member(key, info, healthy=healthy)
+        self.members[key] = m = Member(key, info, healthy=healthy)
+        for listener in self.listeners:
+            listener(m, None)
 
     def remove(self, key: str) -> Member | None:
         return self.members.pop(key, None)
@@ -116,7 +122,10 @@ class InstancePool:
             return
         if info is not None and info.engine_id != m.info.engine_id:
             logger.info("instance %s restarted as %s at %s", m.key, info.engine_id, info.url)
+            old = m.info
             m.relocate(info)
+            for listener in self.listeners:
+                listener(m, old)
 
 
 def _disagg_counters(text: str) -> dict[str, float]:

@@ -62,7 +62,7 @@ class Deployment:
         from disagg.models import resolve_model
 
         t = self.topology
-        model_path = str(resolve_model(t.model))  # fail fast here, not inside an actor
+        self.model_path = model_path = str(resolve_model(t.model))  # fail fast, not in an actor
         builtin = Path(model_path).name != Path(t.model).name
         self.served_model_name = t.api.served_model_name or (
             t.model if builtin else Path(model_path).name)
@@ -77,6 +77,7 @@ class Deployment:
                     tensor_parallel_size=pool.tensor_parallel_size,
                     cpu_cores=cores[key] if pool.resources.num_gpus == 0 else [],
                     log_dir=str(self.log_dir), side_channel_port=port,
+                    kv_events=t.scheduler.kv_events,
                 )
                 port += pool.tensor_parallel_size if port else 0
                 opts = {"num_cpus": pool.resources.num_cpus, "num_gpus": pool.resources.num_gpus,
@@ -95,16 +96,24 @@ class Deployment:
         from disagg.metrics import GatewayMetrics
         from disagg.pool import InstancePool
         from disagg.scheduler import make_policy
+        from disagg.scheduler.decider import PrefillDecider
+        from disagg.scheduler.hashing import RequestHasher
+        from disagg.scheduler.kv_index import PrefixIndex
 
         t = self.topology
         metrics = GatewayMetrics()
         pool = InstancePool(metrics, locate=self._locate)
         for key, info in self.instances.items():
             pool.add(key, info)
+        sched = t.scheduler
         self._gateway = Gateway(
-            pool, metrics, make_policy(t.scheduler.prefill_policy),
-            make_policy(t.scheduler.decode_policy), self.served_model_name,
-            t.engine.max_model_len, t.api.api_key, t.api.request_timeout_s,
+            pool, metrics, make_policy(sched.prefill_policy), make_policy(sched.decode_policy),
+            self.served_model_name, t.engine.max_model_len, t.api.api_key,
+            t.api.request_timeout_s,
+            decider=PrefillDecider(sched.min_remote_prefill_tokens, sched.max_prefill_queue),
+            hasher=RequestHasher(self.model_path),
+            index=PrefixIndex(sched.index_max_blocks) if sched.kv_events else None,
+            block_size=t.engine.block_size,
         )
         self._port = port if port is not None else (t.api.port or free_port(t.api.host))
         config = uvicorn.Config(self._gateway.app, host=t.api.host, port=self._port,

@@ -120,6 +120,23 @@ class SchedulerConfig(_Strict):
     decode_policy: Literal["round_robin", "least_loaded"] = Field(
         "least_loaded", description="Policy choosing the decode instance."
     )
+    min_remote_prefill_tokens: Annotated[int, Field(ge=0)] = Field(
+        256, description="Conditional disaggregation: a request whose prompt the chosen "
+        "decoder lacks fewer than this many tokens of is prefilled on the decoder itself "
+        "(no prefill hop). 0 sends every request through a prefill instance.",
+    )
+    max_prefill_queue: Annotated[int, Field(ge=1)] = Field(
+        8, description="When every prefill instance has this many requests queued or "
+        "running, new requests prefill on their decoder instead of waiting.",
+    )
+    kv_events: bool = Field(
+        True, description="Instances publish vLLM's KV-cache events and the gateway keeps "
+        "a prefix index from them (needed for cache-aware decisions).",
+    )
+    index_max_blocks: Annotated[int, Field(ge=1)] = Field(
+        1_000_000, description="Memory bound of the prefix index, in (block, instance) "
+        "entries (about 100 bytes each).",
+    )
 
 
 class ApiConfig(_Strict):

@@ -26,9 +26,21 @@ class Candidate:
 
 @dataclass(slots=True)
 class RequestInfo:
+    """A request as a policy sees it. Token fields stay empty when the gateway could not
+    tokenize the request (policies must then route on load alone)."""
+
     request_id: str
     prompt_chars: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    prompt_tokens: int | None = None
+    block_hashes: list[int] = field(default_factory=list)  # vLLM's external block hashes
+    cached_tokens: dict[str, int] = field(default_factory=dict)  # engine_id -> prefix held
+
+    def uncached_tokens(self, engine_id: str) -> int | None:
+        """Prompt tokens ``engine_id`` would have to compute (None: prompt unknown)."""
+        if self.prompt_tokens is None:
+            return None
+        return self.prompt_tokens - self.cached_tokens.get(engine_id, 0)
 
 
 class Policy(ABC):

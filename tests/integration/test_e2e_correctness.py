@@ -50,7 +50,8 @@ def deployment(reference):
 
     dtype = reference[0]
     topo = {"model": "tiny", "engine": _engine(dtype),
-            "prefill": {"replicas": 1}, "decode": {"replicas": 1}}
+            "prefill": {"replicas": 1}, "decode": {"replicas": 1},
+            "scheduler": {"min_remote_prefill_tokens": 0}}  # every prompt over NIXL
     with launch(topo) as dep:
         yield dep
 

@@ -24,7 +24,9 @@ def dep():
 
     topo = {"model": "tiny", "engine": {"dtype": "bfloat16", "max_model_len": 2048,
                                         "kv_cache_gib": 1, "enforce_eager": True},
-            "api": {"api_key": KEY}, "transfer": {"transfer_timeout_s": 10}}
+            "api": {"api_key": KEY}, "transfer": {"transfer_timeout_s": 10},
+            # Every request through the prefill instance: this module tests that path.
+            "scheduler": {"min_remote_prefill_tokens": 0}}
     d = launch(topo)
     yield d
     pids = _tree_pids(d)  # the current incarnations, after any restart
@@ -139,6 +141,8 @@ def _generate(d, i: int) -> list[int]:
 def test_killing_the_prefill_actor_loses_no_request(dep):
     expected = [_generate(dep, i) for i in range(8)]
     dec = next(i.url for i in dep.instances.values() if i.role == "decode")
+    held = dep._gateway.index.stats().per_instance  # from the prefill engine's KV events
+    assert held.get(dep.instances["prefill-0"].engine_id, 0) > 0, held
     with cf.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(_generate, dep, i) for i in range(8)]
         time.sleep(0.3)
@@ -147,6 +151,7 @@ def test_killing_the_prefill_actor_loses_no_request(dep):
     assert got == expected
     # The pool recovers: the restarted prefill serves again and the decoder pulls from it.
     old = dep.instances["prefill-0"].engine_id
+    index = dep._gateway.index
     deadline = time.monotonic() + 600
     while True:
         pre = next(i for i in dep.status()["instances"] if i["role"] == "prefill")
@@ -154,6 +159,8 @@ def test_killing_the_prefill_actor_loses_no_request(dep):
             break
         assert time.monotonic() < deadline, dep.status()
         time.sleep(2)
+    # The dead engine's prefix-index entries went with it.
+    assert index.stats().per_instance.get(old, 0) == 0, index.stats()
     pulls = scrape(dec, "vllm:disagg_kv_transfers_received")
     assert [_generate(dep, 8 + i) for i in range(3)]
     deadline = time.monotonic() + 30  # vLLM publishes connector stats on its next log tick

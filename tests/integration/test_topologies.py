@@ -38,6 +38,7 @@ def test_concurrent_requests(shape):
     topo = {"model": "tiny", "engine": {"dtype": "bfloat16", "max_model_len": 2048,
                                         "kv_cache_gib": 1, "enforce_eager": True},
             **EXAMPLES[shape]}
+    topo["scheduler"] = {**topo.get("scheduler", {}), "min_remote_prefill_tokens": 0}
     with launch(topo) as dep:
         n = 16
         got = asyncio.run(_all(dep.url, n))
