@@ -6,6 +6,31 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 PY=${PYTHON:-python3.11}
 STAMP=$VENV/.disagg-setup-stamp
+
+# redis-server (Debian's package) for the Redis store tier and its tests. Checked on every run,
+# before the stamp: the venv can be current while the machine lacks the server. Never fatal:
+# without it the Redis tests skip, or fail in CI / with DISAGG_REQUIRE_REDIS=1.
+install_redis_server() {
+  command -v redis-server >/dev/null 2>&1 && return 0
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || return 1
+    sudo=(sudo -n)
+  fi
+  command -v apt-get >/dev/null 2>&1 || return 1
+  echo "installing redis-server with apt-get" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get install -y -q redis-server >/dev/null 2>&1 \
+    || { "${sudo[@]}" apt-get update -q >/dev/null 2>&1 \
+         && "${sudo[@]}" apt-get install -y -q redis-server >/dev/null 2>&1; } \
+    || return 1
+  command -v redis-server >/dev/null 2>&1
+}
+if ! install_redis_server; then
+  echo "WARNING: could not install redis-server (needs apt-get, and root or passwordless sudo);" \
+       "the Redis store tests will skip (or fail under CI / DISAGG_REQUIRE_REDIS=1)." >&2
+fi
+
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$want" ]]; then
   exit 0

@@ -1,21 +1,36 @@
-"""The StoreBackend contract, run over every backend; then what only the disk tier promises."""
+"""The StoreBackend contract, run over every backend; then what only the disk tier and the
+Redis tier promise."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
-from disagg.transfer.store import BACKENDS, CpuBackend, DiskBackend, FakeBackend, StoreBackend
+from disagg.transfer.store import (
+    BACKENDS,
+    CpuBackend,
+    DiskBackend,
+    FakeBackend,
+    RedisBackend,
+    StoreBackend,
+    TieredStore,
+)
 from disagg.transfer.store.disk import HEADER
 from disagg.transfer.store.keys import ChunkKey
+from disagg.transfer.store.redis import CHECKSUM_SIZE
+from disagg.transfer.store.redis_server import local_redis
 
 VALUE = 1000  # bytes per test value
 SLOTS = 8  # capacities below hold exactly this many test values
@@ -29,21 +44,30 @@ def value(i: int, size: int = VALUE) -> bytes:
     return bytes([i % 251]) * size
 
 
+def fresh_namespace() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"  # tests share one server, never one namespace
+
+
 @dataclass
 class Kind:
     name: str
     overhead: int  # bytes charged per entry beyond the value
-    make: Callable[[Path, int], StoreBackend]
+    make: Callable[[pytest.FixtureRequest, int], StoreBackend]  # (request, capacity)
 
     def capacity(self, entries: int = SLOTS, size: int = VALUE) -> int:
         return entries * (size + self.overhead)
 
 
 KINDS = [
-    Kind("cpu", 0, lambda path, cap: CpuBackend(cap)),
-    Kind("disk", HEADER.size, lambda path, cap: DiskBackend(path / "kv", cap)),
-    Kind("fake", 0, lambda path, cap: FakeBackend(cap)),
+    Kind("cpu", 0, lambda req, cap: CpuBackend(cap)),
+    Kind("disk", HEADER.size,
+         lambda req, cap: DiskBackend(req.getfixturevalue("tmp_path") / "kv", cap)),
+    Kind("fake", 0, lambda req, cap: FakeBackend(cap)),
+    Kind("redis", CHECKSUM_SIZE,
+         lambda req, cap: RedisBackend(cap, url=req.getfixturevalue("redis_url"),
+                                       namespace=fresh_namespace())),
 ]
+REDIS = KINDS[3]
 
 
 def test_every_registered_backend_is_under_contract_test():
@@ -56,8 +80,8 @@ def kind(request) -> Kind:
 
 
 @pytest.fixture
-def store(kind, tmp_path):
-    backend = kind.make(tmp_path, kind.capacity())
+def store(kind, request):
+    backend = kind.make(request, kind.capacity())
     yield backend
     backend.check_integrity()  # leak/accounting check after every test
     backend.close()
@@ -285,3 +309,193 @@ def test_foreign_files_ignored_and_vanished_files_forgotten(disk):
     assert disk.get(key(1)) is None and disk.used_bytes == 0
     disk.check_integrity()
     assert (disk.path / "README").exists()
+
+
+# -- redis only ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_pair(redis_url):
+    """Two instances (as on two hosts) on one namespace, and a raw client to tamper with."""
+    ns, cap = fresh_namespace(), REDIS.capacity()
+    a, b = (RedisBackend(cap, url=redis_url, namespace=ns) for _ in range(2))
+    raw = redis.Redis.from_url(redis_url, socket_timeout=5)
+    yield a, b, raw
+    a.check_integrity()
+    for backend in (a, b):
+        backend.close()
+    raw.close()
+
+
+def value_key(backend: RedisBackend, k: ChunkKey) -> str:
+    return f"{backend.namespace}:v:{k.hex}"
+
+
+def test_redis_instances_share_entries_and_recency(redis_pair):
+    a, b, _ = redis_pair
+    for i in range(SLOTS):
+        a.put(key(i), value(i))
+    assert b.get(key(0)) == value(0)  # a's put, b's read: now most recent for both
+    b.put(key(100), value(100))  # evicts key(1), the oldest, from the shared store
+    assert not a.contains(key(1)) and a.get(key(0)) == value(0)
+    assert a.keys() == b.keys() and a.used_bytes == b.used_bytes == a.capacity_bytes
+    assert b.delete(key(100)) and not a.contains(key(100))
+    assert a.evicted_entries == 0 and b.evicted_entries == 1
+
+
+def test_redis_cap_holds_under_concurrent_writers_on_two_instances(redis_pair):
+    a, b, raw = redis_pair
+    cap, per_writer, seen, done = a.capacity_bytes, 3 * SLOTS, [], threading.Event()
+
+    def writer(backend: RedisBackend, w: int) -> None:
+        for i in range(per_writer):  # each writer alone writes 3x the capacity
+            assert backend.put(key(1000 * w + i), value(i))
+
+    def watcher() -> None:  # the shared counter, as every other process sees it
+        while not done.is_set():
+            seen.append(int(raw.get(f"{a.namespace}:used") or 0))
+
+    writers = [threading.Thread(target=writer, args=(bk, w))
+               for w, bk in enumerate([a, b, a, b, a, b])]
+    watch = threading.Thread(target=watcher)
+    watch.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(timeout=60)
+    done.set()
+    watch.join(timeout=10)
+    assert seen and max(seen) <= cap
+    a.check_integrity()
+    assert a.used_bytes == cap and len(a.keys()) == SLOTS
+    assert a.evicted_entries + b.evicted_entries == len(writers) * per_writer - SLOTS
+
+
+@pytest.mark.parametrize("offset", [0, CHECKSUM_SIZE - 1, CHECKSUM_SIZE, CHECKSUM_SIZE + 999],
+                         ids=["checksum-first", "checksum-last", "value-first", "value-last"])
+def test_redis_flipped_bit_is_a_miss_and_dropped(redis_pair, offset):
+    a, b, raw = redis_pair
+    a.put(key(1), value(1))
+    a.put(key(2), value(2))
+    vkey = value_key(a, key(1))
+    byte = raw.getrange(vkey, offset, offset)[0]
+    raw.setrange(vkey, offset, bytes([byte ^ 0x10]))
+    assert b.get(key(1)) is None
+    assert not a.contains(key(1)) and raw.exists(vkey) == 0
+    assert b.corrupt_entries == 1 and a.get(key(2)) == value(2)
+    assert a.used_bytes == VALUE + CHECKSUM_SIZE
+    a.check_integrity()
+
+
+def test_redis_truncated_or_misplaced_value_is_a_miss(redis_pair):
+    a, _, raw = redis_pair
+    for i in range(3):
+        a.put(key(i), value(i))
+    raw.set(value_key(a, key(0)), raw.getrange(value_key(a, key(0)), 0, 500))  # truncated
+    raw.set(value_key(a, key(1)), raw.get(value_key(a, key(2))))  # right length, wrong key
+    assert a.get(key(0)) is None and a.get(key(1)) is None and a.get(key(2)) == value(2)
+    assert a.corrupt_entries == 2 and a.keys() == [key(2)]
+    a.check_integrity()
+
+
+def test_redis_value_vanished_behind_the_store_is_forgotten(redis_pair):
+    a, _, raw = redis_pair
+    a.put(key(1), value(1))
+    raw.delete(value_key(a, key(1)))  # e.g. a server misconfigured with an evicting policy
+    assert a.get(key(1)) is None and a.used_bytes == 0 and a.keys() == []
+    a.check_integrity()
+
+
+def test_redis_smaller_capacity_at_start_evicts_oldest(redis_pair, redis_url):
+    a, _, _ = redis_pair
+    for i in range(SLOTS):
+        a.put(key(i), value(i))
+    small = RedisBackend(REDIS.capacity(3), url=redis_url, namespace=a.namespace)
+    try:
+        assert small.keys() == [key(i) for i in range(SLOTS - 3, SLOTS)]
+        assert small.evicted_entries == SLOTS - 3
+        small.check_integrity()
+    finally:
+        small.close()
+
+
+# The tests below that start their own server take ``redis_url`` only for its skip-or-fail
+# decision when redis-server is missing.
+
+
+def assert_fails_fast(backend: RedisBackend, limit_s: float = 3.0) -> None:
+    """Every call that needs the server raises OSError within ``limit_s``; none hangs."""
+    calls = [lambda: backend.get(key(1)), lambda: backend.put(key(1), value(1)),
+             lambda: backend.contains(key(1)), backend.keys, lambda: backend.delete(key(1))]
+    for call in calls:
+        start = time.monotonic()
+        with pytest.raises(OSError, match="redis tier"):
+            call()
+        assert time.monotonic() - start < limit_s
+    start = time.monotonic()
+    assert backend.used_bytes == 0  # a stats gauge: the last value seen, never an error
+    assert time.monotonic() - start < limit_s
+
+
+def test_redis_server_down_raises_oserror_quickly(redis_url):
+    with local_redis() as url:
+        pass  # started and stopped: nothing listens there now
+    start = time.monotonic()
+    backend = RedisBackend(REDIS.capacity(), url=url, namespace=fresh_namespace())
+    assert time.monotonic() - start < 3.0  # constructing does not need the server
+    assert_fails_fast(backend)
+    backend.close()
+
+
+def test_redis_hung_server_times_out():
+    with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        backend = RedisBackend(REDIS.capacity(), url=f"redis://127.0.0.1:{port}/0",
+                               namespace=fresh_namespace(), socket_timeout_s=0.5)
+        assert_fails_fast(backend)
+        backend.close()
+
+
+def test_tiered_store_treats_unreachable_redis_as_miss_and_skipped_write(redis_url):
+    with local_redis() as url:
+        pass
+    down = RedisBackend(REDIS.capacity(), url=url, namespace=fresh_namespace())
+    with TieredStore([CpuBackend(KINDS[0].capacity()), down]) as tiered:
+        tiered.put(key(1), value(1))
+        assert tiered.flush(timeout=30)
+        assert tiered.get(key(1)) == value(1)  # from the CPU tier
+        assert tiered.get(key(2)) is None  # the Redis tier's error reads as a miss
+        assert tiered.stats().tiers[1].errors == 2  # the write-through and the read
+
+
+def test_local_redis_limits_memory_without_evicting(redis_url):
+    with local_redis(maxmemory_bytes=64 << 20) as url:
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            config = client.config_get("maxmemory*")
+            assert config["maxmemory"] == str(64 << 20)
+            assert config["maxmemory-policy"] == "noeviction"
+            assert client.config_get("save")["save"] == ""
+        finally:
+            client.close()
+
+
+def test_redis_out_of_memory_refuses_puts_whole_and_still_serves_reads(redis_url):
+    with local_redis(maxmemory_bytes=3 << 20) as url:  # ~1 MiB of it is Redis itself
+        backend = RedisBackend(64 << 20, url=url, namespace=fresh_namespace())
+        try:
+            stored = 0
+            with pytest.raises(OSError, match="OutOfMemoryError"):
+                for i in range(100):
+                    backend.put(key(i), value(i, 100_000))
+                    stored += 1
+            assert 0 < stored < 100 and len(backend.keys()) == stored
+            backend.check_integrity()  # the refused script changed nothing
+            assert backend.get(key(0)) == value(0, 100_000)  # reads work when full
+            assert backend.delete(key(0)) and backend.delete(key(1))
+            assert backend.put(key(500), value(500))  # room again
+            backend.check_integrity()
+        finally:
+            backend.close()

@@ -5,6 +5,8 @@
     cpu.py      CpuBackend: in-memory LRU under a byte cap
     disk.py     DiskBackend: checksummed files, atomic writes, index rebuilt on restart
     fake.py     FakeBackend: CpuBackend with failure and latency injection, for tests
+    redis.py    RedisBackend: one LRU in Redis shared by every instance; atomic Lua scripts
+    redis_server.py  local_redis(): a throwaway redis-server for tests
     tiered.py   TieredStore: lookup down the tiers, promotion, background write-through
 
 Tiers are chosen by name through ``BACKENDS`` (config passes the name and its arguments).
@@ -21,11 +23,13 @@ from .keys import (
     chunk_keys,
     chunk_tokens_for,
 )
+from .redis import RedisBackend
 from .tiered import StoreStats, TieredStore, TierStats
 
 BACKENDS: dict[str, type[StoreBackend]] = {
     "cpu": CpuBackend,
     "disk": DiskBackend,
+    "redis": RedisBackend,
 }
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "DiskBackend",
     "FakeBackend",
     "KVFingerprint",
+    "RedisBackend",
     "StoreBackend",
     "StoreStats",
     "TierStats",
