@@ -23,7 +23,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from disagg.launch.topology import EngineArgs, TransferConfig
+from disagg.launch.topology import EngineArgs, StoreConfig, TransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class InstanceSpec(BaseModel):
     served_model_name: str
     engine: EngineArgs
     transfer: TransferConfig
+    store: StoreConfig = Field(default_factory=StoreConfig)
     tensor_parallel_size: int = 1
     cpu_cores: list[int] = Field(default_factory=list, description="Cores to pin, CPU only.")
     side_channel_port: int = Field(0, ge=0, description="0 picks a free port.")
@@ -129,6 +130,7 @@ class VLLMProcess:
                 "transfer_timeout_s": t.transfer_timeout_s,
                 "lease_s": t.lease_s,
                 "model_name": self.spec.served_model_name,
+                "store": self.spec.store.settings(),
             }},
         }
 

@@ -73,7 +73,7 @@ class Deployment:
                 key = f"{role}-{i}"
                 spec = InstanceSpec(
                     role=role, index=i, model_path=t.model, served_model_name=self.served_model_name,
-                    engine=t.engine, transfer=t.transfer,
+                    engine=t.engine, transfer=t.transfer, store=t.store,
                     tensor_parallel_size=pool.tensor_parallel_size,
                     cpu_cores=cores[key] if pool.resources.num_gpus == 0 else [],
                     log_dir=str(self.log_dir), side_channel_port=port,

@@ -111,6 +111,50 @@ class TransferConfig(_Strict):
         return self
 
 
+class StoreConfig(_Strict):
+    """The KV store: chunks of prompt KV kept for reuse across requests and instances, and
+    the decoder's fallback when a pull fails. Tiers: CPU (per instance), then optional
+    disk (shared by the instances of one host) and Redis (shared by every host)."""
+
+    enabled: bool = Field(True, description="Save and load KV chunks through the store.")
+    chunk_tokens: Annotated[int, Field(ge=16, le=65536)] = Field(
+        256, description="Tokens per chunk, rounded to whole KV blocks."
+    )
+    cpu_gib: Annotated[float, Field(gt=0, le=4096)] = Field(
+        1.0, description="CPU tier capacity per instance, GiB."
+    )
+    disk_path: str | None = Field(
+        None, description="Directory of the disk tier (shared by this host's instances); "
+        "None: no disk tier.",
+    )
+    disk_gib: Annotated[float, Field(gt=0)] = Field(8.0, description="Disk tier cap, GiB.")
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db of the Redis tier; None: no Redis tier."
+    )
+    redis_gib: Annotated[float, Field(gt=0)] = Field(
+        1.0, description="Redis tier byte budget, GiB (the server's maxmemory must exceed it)."
+    )
+    save: bool = Field(True, description="Save each finished request's full prompt chunks.")
+
+    @model_validator(mode="after")
+    def _urls(self) -> StoreConfig:
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://",
+                                                             "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, "
+                             f"got {self.redis_url!r}")
+        return self
+
+    def settings(self) -> dict[str, Any] | None:
+        """The connector's ``StoreSettings`` fields, or None when the store is off."""
+        if not self.enabled:
+            return None
+        gib = 1 << 30
+        return {"chunk_tokens": self.chunk_tokens, "cpu_bytes": int(self.cpu_gib * gib),
+                "disk_path": str(Path(self.disk_path).expanduser()) if self.disk_path else None,
+                "disk_bytes": int(self.disk_gib * gib), "redis_url": self.redis_url,
+                "redis_bytes": int(self.redis_gib * gib), "save": self.save}
+
+
 class SchedulerConfig(_Strict):
     """How the gateway pairs a prefill and a decode instance for each request."""
 
@@ -163,6 +207,7 @@ class Topology(_Strict):
     prefill: Pool = Field(default_factory=Pool)
     decode: Pool = Field(default_factory=Pool)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
 

@@ -16,6 +16,7 @@ so ``save_kv_layer``/``wait_for_layer_load``/``wait_for_save`` have nothing to d
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -91,7 +92,8 @@ class DisaggConnector(KVConnectorBase_V1):
             tp_size=cfg.parallel_config.tensor_parallel_size,
         )
         self.worker = DisaggWorker(
-            self.settings, self.engine_id, get_tensor_model_parallel_rank(), compat
+            self.settings, self.engine_id, get_tensor_model_parallel_rank(), compat,
+            model_id=Path(str(cfg.model_config.model)).name,
         )
         self.worker.register(kv_caches, num_blocks)
 

@@ -1,11 +1,10 @@
 """Where a decoder's missing blocks come from: the seam between the connector and its sources.
 
 A ``KVLoader`` fills local blocks named by ``RecvOrder``s, asynchronously, and is polled once
-per engine step. The connector's worker routes each order to the loader named by
-``RecvOrder.source``. Today there is one, ``PeerLoader`` (NIXL READs from the prefill
-instance); the KV store (CPU/disk/Redis tiers) plugs in as a second loader behind the same
-interface, and a failed peer pull can be retried against it before falling back to
-recompute.
+per engine step. The connector's worker routes each order to the loader named by its
+``source``: ``PeerLoader`` here (NIXL READs from the prefill instance) and ``StoreLoader``
+(``store_io.py``: the CPU/disk/Redis tiers). A failed peer pull is retried against the
+store before vLLM recomputes what is still missing.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 from disagg.transfer import control
 from disagg.transfer.endpoint import KVEndpoint, Read
-from disagg.transfer.metadata import PeerAddress, RecvOrder
+from disagg.transfer.metadata import PeerAddress, RecvOrder, StoreLoadOrder
 from disagg.transfer.protocol import Compat, HandshakeReply, HandshakeRequest
 from disagg.transfer.stats import TransferStats
 
@@ -28,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class LoadResult:
-    order: RecvOrder
+    order: RecvOrder | StoreLoadOrder
     ok: bool
     reason: str = ""
+    loaded_blocks: int = 0  # on failure: leading blocks that did load (kept, not recomputed)
 
 
 class KVLoader(ABC):
@@ -123,7 +123,8 @@ class PeerLoader(KVLoader):
                 self._count(pull, now)
             else:
                 self.endpoint.forget_peer(pull.order.peer.engine_id)
-            done.append(LoadResult(pull.order, state == "DONE", reason))
+            done.append(LoadResult(pull.order, state == "DONE", reason,
+                                   len(pull.order.local_block_ids) if state == "DONE" else 0))
         return done
 
     def _state(self, pull: _Pull, now: float) -> str:

@@ -24,6 +24,33 @@ class RecvOrder:
     local_block_ids: tuple[int, ...]
     remote_block_ids: tuple[int, ...]
     source: str = "peer"  # which KVLoader fills the blocks (transfer/loaders.py)
+    # With a KV store: the prompt's token ids up to the last block loaded, and the index
+    # of the first loaded block within the prompt, so a failed pull can fall back to the
+    # store for the same blocks.
+    token_ids: tuple[int, ...] = ()
+    first_block: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLoadOrder:
+    """Fill ``local_block_ids`` (prompt blocks ``first_block``, ``first_block + 1``, ...)
+    from the KV store's chunks of ``token_ids``; blocks it does not hold are load errors."""
+
+    request_id: str
+    local_block_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    first_block: int
+    source: str = "store"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSaveOrder:
+    """Copy the full chunks of ``token_ids`` out of ``block_ids`` (the prompt's first
+    blocks, in order) into the store; the blocks stay allocated until the copy is done."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +67,5 @@ class DisaggMetadata(KVConnectorMetadata):
     releases: list[ReleaseOrder] = field(default_factory=list)
     # Prefill: requests whose blocks are held for a decoder, with their lease in seconds.
     sends: dict[str, float] = field(default_factory=dict)
+    store_loads: list[StoreLoadOrder] = field(default_factory=list)
+    store_saves: list[StoreSaveOrder] = field(default_factory=list)

@@ -1,10 +1,16 @@
 """Scheduler side of the connector (runs in vLLM's EngineCore process).
 
-Decoder: a request whose ``kv_transfer_params`` say ``do_remote_prefill`` is loaded
-asynchronously: every prompt token beyond the local prefix-cache hit comes from the peer,
-and vLLM then recomputes the last prompt token to sample the next one.
+Where a new request's prompt KV comes from, beyond vLLM's own prefix cache:
+
+    tokens:  [ local prefix hit | KV store chunks ... | prefill peer ...          | last ]
+             num_computed        store_end             remote_num_tokens
+
+Store chunks are loaded first (no network hop); the peer (a ``do_remote_prefill`` request)
+fills the rest; both asynchronously, and vLLM then recomputes the last prompt token.
 Prefill: a finished ``do_remote_decode`` request keeps its blocks (delay-free) and answers
 ``kv_transfer_params`` naming this engine, its side channel and the block ids.
+With a store, every normally finished request also keeps its blocks until its full prompt
+chunks are copied into the store.
 """
 
 from __future__ import annotations
@@ -14,9 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from disagg.transfer.metadata import DisaggMetadata, PeerAddress, RecvOrder, ReleaseOrder
+from disagg.transfer.metadata import (
+    DisaggMetadata,
+    PeerAddress,
+    RecvOrder,
+    ReleaseOrder,
+    StoreLoadOrder,
+    StoreSaveOrder,
+)
 from disagg.transfer.protocol import KVTransferParams
 from disagg.transfer.settings import ConnectorSettings
+from disagg.transfer.store import chunk_tokens_for
+from disagg.transfer.store_lookup import LookupClient
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -43,59 +58,104 @@ class DisaggScheduler:
         self.engine_id = engine_id
         self.block_size = block_size
         self._meta = DisaggMetadata()
-        self._handled: set[str] = set()  # decoder requests whose transfer was planned
+        self._handled: set[str] = set()  # requests whose external load was planned
+        self._lookup: LookupClient | None = None
+        self.chunk_tokens = 0
+        if settings.store is not None:
+            self._lookup = LookupClient(engine_id, settings.store.lookup_timeout_s)
+            self.chunk_tokens = chunk_tokens_for(block_size, settings.store.chunk_tokens)
+        self._store_hits: dict[str, int] = {}  # request id -> leading chunks in the store
+
+    # ---- loads ------------------------------------------------------------------------------
+    def _store_end(self, request: Request) -> int:
+        """Prompt tokens the store can give (whole blocks, never the last prompt token).
+        One lookup per request, remembered until its load is planned or it finishes."""
+        if self._lookup is None:
+            return 0
+        rid = request.request_id
+        if rid not in self._store_hits:
+            full = request.num_prompt_tokens // self.chunk_tokens * self.chunk_tokens
+            tokens = request.prompt_token_ids[:full] if full else []
+            self._store_hits[rid] = self._lookup.lookup(tokens) if tokens else 0
+        held = self._store_hits[rid] * self.chunk_tokens
+        last_block = (request.num_prompt_tokens - 1) // self.block_size * self.block_size
+        return min(held, last_block)
 
     def num_new_matched_tokens(self, request: Request, num_computed: int) -> tuple[int, bool]:
-        """Side-effect free: prompt tokens the peer holds beyond our local prefix."""
-        params = _remote_params(request)
-        if params is None or request.request_id in self._handled:
+        """Prompt tokens the store and the peer hold beyond our local prefix (no state
+        changes apart from remembering the store lookup)."""
+        if request.request_id in self._handled:
             return 0, False
-        count = min(params.remote_num_tokens, request.num_prompt_tokens) - num_computed
+        params = _remote_params(request)
+        peer_end = min(params.remote_num_tokens, request.num_prompt_tokens) if params else 0
+        count = max(self._store_end(request), peer_end) - num_computed
         return (count, True) if count > 0 else (0, False)
 
     def after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external: int) -> None:
+        rid = request.request_id
+        if rid in self._handled:
+            return
         params = _remote_params(request)
-        if params is None or request.request_id in self._handled:
+        peer = params and PeerAddress(params.remote_engine_id, params.remote_host,
+                                      params.remote_port)
+        if num_external == 0:
+            self._store_hits.pop(rid, None)
+            if params is not None:  # all in our own prefix cache: free the peer's copy
+                self._handled.add(rid)
+                self._meta.releases.append(ReleaseOrder(peer, params.remote_request_id))
             return
-        self._handled.add(request.request_id)
-        peer = PeerAddress(params.remote_engine_id, params.remote_host, params.remote_port)
-        if num_external == 0:  # everything was in our own prefix cache: free the peer's copy
-            self._meta.releases.append(ReleaseOrder(peer, params.remote_request_id))
-            return
+        self._handled.add(rid)
         local = blocks.get_unhashed_block_ids_all_groups()[0]
         # Local prefix hits cover the first whole blocks; the new blocks take the rest, in order.
         skip = len(blocks.get_block_ids()[0]) - len(local)
-        remote = params.remote_block_ids[skip: skip + len(local)]
-        if len(remote) != len(local):
+        prompt = request.prompt_token_ids
+        chunks = self._store_hits.pop(rid, 0)
+        n_store = max(0, min(self._store_end(request) // self.block_size - skip, len(local))) \
+            if chunks else 0
+        if n_store:
+            self._meta.store_loads.append(StoreLoadOrder(
+                rid, tuple(local[:n_store]), tuple(prompt[:chunks * self.chunk_tokens]), skip))
+        if params is None:
+            return
+        rest = local[n_store:]
+        if not rest:
+            self._meta.releases.append(ReleaseOrder(peer, params.remote_request_id))
+            return
+        first = skip + n_store
+        remote = params.remote_block_ids[first: first + len(rest)]
+        if len(remote) != len(rest):
             logger.warning("request %s: peer sent %d blocks, %d needed; recomputing",
-                           request.request_id, len(remote), len(local))
-            local = local[: len(remote)]
+                           rid, len(remote), len(rest))
+            rest = rest[: len(remote)]
+        full = len(prompt) // self.chunk_tokens * self.chunk_tokens if self.chunk_tokens else 0
         self._meta.recvs.append(RecvOrder(
-            request.request_id, peer, params.remote_request_id, tuple(local), tuple(remote)))
+            rid, peer, params.remote_request_id, tuple(rest), tuple(remote),
+            token_ids=tuple(prompt[:full]), first_block=first))
 
     def build_meta(self) -> DisaggMetadata:
         meta, self._meta = self._meta, DisaggMetadata()
         return meta
 
+    # ---- finished requests ------------------------------------------------------------------
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Any]:
-        """Prefill: hold a finished do_remote_decode request's blocks for the decoder."""
+        """Hold a finished request's blocks while a decoder will read them (prefill) or the
+        store copies them; returns (hold, kv_transfer_params for the client)."""
         from vllm.v1.request import RequestStatus
 
-        raw = request.kv_transfer_params or {}
         rid = request.request_id
-        if rid in self._handled:
-            self._handled.discard(rid)
-            return False, None
+        self._store_hits.pop(rid, None)
         params = _remote_params(request)
-        if params is not None:  # decoder request finished before its pull was planned
+        if rid not in self._handled and params is not None:
+            # A decoder request finished before its pull was planned: free the peer's copy.
             peer = PeerAddress(params.remote_engine_id, params.remote_host, params.remote_port)
             self._meta.releases.append(ReleaseOrder(peer, params.remote_request_id))
-            return False, None
-        if not raw.get("do_remote_decode") or not block_ids:
-            return False, None
-        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
-                                  RequestStatus.FINISHED_STOPPED):
-            return False, None  # aborted: nothing to hand over
+        self._handled.discard(rid)
+        if not block_ids or request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
+                                                   RequestStatus.FINISHED_STOPPED):
+            return False, None  # aborted: nothing to hand over or save
+        saving = self._plan_save(request, block_ids)
+        if not (request.kv_transfer_params or {}).get("do_remote_decode"):
+            return saving, None
         self._meta.sends[rid] = self.s.lease_s
         out = KVTransferParams(
             remote_engine_id=self.engine_id, remote_request_id=rid,
@@ -103,3 +163,15 @@ class DisaggScheduler:
             remote_block_ids=list(block_ids), remote_num_tokens=request.num_computed_tokens,
         )
         return True, out.model_dump()
+
+    def _plan_save(self, request: Request, block_ids: list[int]) -> bool:
+        if self._lookup is None or not self.s.store.save:
+            return False
+        computed = min(request.num_prompt_tokens, request.num_computed_tokens)
+        full = computed // self.chunk_tokens * self.chunk_tokens
+        if not full:
+            return False
+        self._meta.store_saves.append(StoreSaveOrder(
+            request.request_id, tuple(request.prompt_token_ids[:full]),
+            tuple(block_ids[: full // self.block_size])))
+        return True

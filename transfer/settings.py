@@ -7,6 +7,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class StoreSettings(BaseModel):
+    """The KV store tiers one instance uses (the topology's ``store:`` section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunk_tokens: int = Field(256, gt=0, description="Rounded to whole engine blocks.")
+    cpu_bytes: int = Field(1 << 30, gt=0)
+    disk_path: str | None = None
+    disk_bytes: int = Field(4 << 30, gt=0)
+    redis_url: str | None = None
+    redis_bytes: int = Field(1 << 30, gt=0)
+    redis_namespace: str = "disagg"
+    save: bool = Field(True, description="Save each finished request's full prompt chunks.")
+    lookup_timeout_s: float = Field(0.5, gt=0)
+
+
 class ConnectorSettings(BaseModel):
     """What each instance's connector needs beyond vLLM's own config."""
 
@@ -20,6 +36,7 @@ class ConnectorSettings(BaseModel):
     transfer_timeout_s: float = Field(30.0, gt=0)
     lease_s: float = Field(60.0, gt=0)
     model_name: str = Field("", description="Model identity for the compatibility check.")
+    store: StoreSettings | None = Field(None, description="KV store tiers; None: no store.")
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorSettings:

@@ -29,7 +29,30 @@ COUNTERS: dict[str, str] = {
     "kv_sends_completed": "Prefill requests whose blocks a decoder read (notified).",
     "kv_sends_aborted": "Prefill requests freed early by a decoder's abort notice.",
     "kv_sends_expired": "Prefill requests whose blocks were freed when their lease expired.",
+    "store_lookups": "KV store lookups the scheduler made (one per new request).",
+    "store_lookup_chunks": "Chunks asked about by store lookups.",
+    "store_hit_chunks": "Leading chunks the store held at lookup.",
+    "store_loaded_tokens": "Prompt tokens loaded from the KV store instead of computed.",
+    "store_load_bytes": "Bytes loaded from the KV store into the KV cache.",
+    "store_load_seconds": "Seconds spent loading from the KV store, order to completion.",
+    "store_fallbacks": "Failed peer pulls retried against the KV store.",
+    "store_saved_chunks": "Chunks saved into the KV store.",
+    "store_saved_bytes": "Bytes saved into the KV store.",
+    "store_save_seconds": "Seconds spent saving requests' chunks, order to completion.",
+    "store_save_failures": "Saves that failed (the request's chunks were not stored).",
 }
+# Per-tier running totals of transfer.store.TierStats, exported as increments.
+TIER_FIELDS = ("lookups", "hits", "load_hits", "load_bytes", "load_seconds", "saves",
+               "saved_bytes", "save_seconds", "evicted_bytes", "errors")
+TIER_HELP = {"lookups": "keys looked up", "hits": "lookups this tier answered",
+             "load_hits": "chunks loaded from this tier", "load_bytes": "bytes loaded",
+             "load_seconds": "seconds loading", "saves": "chunks written",
+             "saved_bytes": "bytes written", "save_seconds": "seconds writing",
+             "evicted_bytes": "bytes evicted to stay under the cap",
+             "errors": "I/O errors (handled as misses or skipped writes)"}
+for _tier in ("cpu", "disk", "redis"):
+    for _f, _doc in TIER_HELP.items():
+        COUNTERS[f"store_{_tier}_{_f}"] = f"KV store {_tier} tier: {_doc}."
 
 
 @dataclass

@@ -1,18 +1,22 @@
-"""Worker side of the connector: serves its KV to decoders, pulls KV from prefills.
+"""Worker side of the connector: serves its KV to decoders, pulls KV from prefills, and
+moves chunks in and out of the KV store.
 
-A decoder worker routes each RecvOrder to the loader named by its source (``loaders.py``:
-today the NIXL ``PeerLoader``); get_finished polls every loader: a finished load is reported
-received, a failed one also as load errors (vLLM recomputes those blocks) plus an abort
-notice so the peer frees its copy at once.
+A decoder worker routes each load order to the loader named by its source (``loaders.py``:
+NIXL ``PeerLoader``; ``store_io.StoreLoader``). A request is reported received once all its
+orders finished. A failed peer pull sends an abort notice (the peer frees its copy at once)
+and is retried against the store; blocks still missing become load errors, which vLLM
+recomputes.
 
-A prefill worker keeps each finished request's blocks until the decoder's READ notification
-names it, an abort notice arrives, or its lease runs out; then get_finished reports it sent.
+A finished request's blocks stay held while anything still reads them: a decoder's pull
+(until its READ notification names the request, an abort notice arrives, or the lease runs
+out) and the store save (until its copy is done). get_finished then reports it sent.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,8 +24,8 @@ import torch
 
 from disagg.transfer import control
 from disagg.transfer.endpoint import KVEndpoint
-from disagg.transfer.loaders import KVLoader, PeerLoader
-from disagg.transfer.metadata import DisaggMetadata, RecvOrder, ReleaseOrder
+from disagg.transfer.loaders import KVLoader, LoadResult, PeerLoader
+from disagg.transfer.metadata import DisaggMetadata, RecvOrder, ReleaseOrder, StoreLoadOrder
 from disagg.transfer.protocol import (
     PROTOCOL_VERSION,
     AbortNotice,
@@ -30,26 +34,48 @@ from disagg.transfer.protocol import (
     decode_message,
 )
 from disagg.transfer.settings import ConnectorSettings
-from disagg.transfer.stats import TransferStats
+from disagg.transfer.stats import TIER_FIELDS, TransferStats
 
 logger = logging.getLogger(__name__)
+
+
+class _LockedStats:
+    """What store threads count through: never into a TransferStats already handed over."""
+
+    def __init__(self, worker: DisaggWorker):
+        self._w = worker
+
+    def add(self, name: str, value: float = 1) -> None:
+        with self._w._stats_lock:
+            self._w.stats.add(name, value)
 
 
 class DisaggWorker:
     """One per vLLM worker process; owns a NIXL endpoint and a side-channel server."""
 
-    def __init__(self, settings: ConnectorSettings, engine_id: str, tp_rank: int, compat: Compat):
+    def __init__(self, settings: ConnectorSettings, engine_id: str, tp_rank: int, compat: Compat,
+                 model_id: str = ""):
         self.s = settings
         self.engine_id = engine_id
         self.tp_rank = tp_rank
         self.compat = compat
+        self.model_id = model_id
         self.stats = TransferStats()
+        self._stats_lock = threading.Lock()
+        self._locked_stats = _LockedStats(self)
+        self._lookup = None
+        self._tier_totals: dict[str, dict[str, float]] = {}
         self.endpoint: KVEndpoint | None = None
         self._server: control.SideChannelServer | None = None
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="disagg-hs")
         self.loaders: dict[str, KVLoader] = {}  # by RecvOrder.source
         self._load_errors: set[int] = set()
+        self._pending: dict[str, int] = {}  # request id -> load orders not finished yet
         self._sends: dict[str, float] = {}  # request id -> lease deadline
+        self._holds: dict[str, set[str]] = {}  # request id -> {"peer", "save"} still reading
+        self.store = None  # TieredStore, when the settings name one (``attach_store``)
+        self.saver = None
+        self._store_pool: ThreadPoolExecutor | None = None
         self._early_done: set[str] = set()  # notified before the send order arrived
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
 
@@ -63,6 +89,8 @@ class DisaggWorker:
             self.endpoint, self.engine_id, self.tp_rank, self.compat,
             self.s.handshake_timeout_s, self.s.transfer_timeout_s, lambda: self.stats,
             self._pool)
+        if self.s.store is not None:
+            self._attach_store(tensors)
         port = self.s.side_channel_port + self.tp_rank if self.s.side_channel_port else 0
         self._server = control.SideChannelServer(
             self.s.side_channel_bind, port, self._on_message, name=f"disagg-sc-{name}"
@@ -70,6 +98,37 @@ class DisaggWorker:
         logger.info("engine %s rank %d: %d KV planes registered, side channel %s:%d",
                     self.engine_id, self.tp_rank, len(self.endpoint.planes),
                     self.s.side_channel_host, self._server.port)
+
+    def _attach_store(self, tensors: list[torch.Tensor]) -> None:
+        from disagg.kernels import KVLayout
+        from disagg.transfer.store_io import (
+            ChunkCodec,
+            StoreLoader,
+            StoreSaver,
+            build_store,
+            fingerprint,
+        )
+        from disagg.transfer.store_lookup import LookupServer
+
+        st = self.s.store
+        layout = KVLayout.CUDA if tensors[0].is_cuda else KVLayout.CPU
+        fp = fingerprint(self.compat, layout, self.tp_rank, self.model_id)
+        codec = ChunkCodec(tensors, self.compat.block_size, st.chunk_tokens, fp)
+        self.store = build_store(st)
+        self._store_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="disagg-store")
+        stats = lambda: self._locked_stats  # noqa: E731  # store threads count under a lock
+        self.loaders["store"] = StoreLoader(self.store, codec, stats, self._store_pool)
+        self.saver = StoreSaver(self.store, codec, stats, self._store_pool)
+        if self.tp_rank == 0:  # the scheduler asks rank 0 what the store holds
+            self._lookup = LookupServer(self.engine_id, self.store, codec.keys,
+                                        self._count_lookup)
+        logger.info("engine %s rank %d: KV store %s, %d-token chunks", self.engine_id,
+                    self.tp_rank, [t.name for t in self.store.tiers], codec.chunk_tokens)
+
+    def _count_lookup(self, num_keys: int, hits: int) -> None:
+        self._locked_stats.add("store_lookups")
+        self._locked_stats.add("store_lookup_chunks", num_keys)
+        self._locked_stats.add("store_hit_chunks", hits)
 
     def _on_message(self, raw: bytes):
         msg = decode_message(raw)
@@ -96,10 +155,18 @@ class DisaggWorker:
             self._sends[rid] = now + lease_s
         if meta.sends and self.endpoint is not None:
             self.endpoint.expect_notifications(True)
+        for rid in meta.sends:
+            self._holds.setdefault(rid, set()).add("peer")
         for rel in meta.releases:
             self._pool.submit(self._send_abort, rel)
-        for order in meta.recvs:
+        for order in [*meta.recvs, *meta.store_loads]:
+            self._pending[order.request_id] = self._pending.get(order.request_id, 0) + 1
             self.loaders[order.source].start(order)
+        for save in meta.store_saves:
+            if self.saver is None:
+                continue
+            self._holds.setdefault(save.request_id, set()).add("save")
+            self.saver.start(save)
 
     def _send_abort(self, rel: ReleaseOrder) -> None:
         try:
@@ -116,18 +183,33 @@ class DisaggWorker:
 
     def _finished_loads(self) -> set[str]:
         done: set[str] = set()
-        for loader in self.loaders.values():
+        for loader in list(self.loaders.values()):
             for result in loader.poll():
-                done.add(result.order.request_id)
+                rid = result.order.request_id
                 if not result.ok:
-                    self._fail(result.order)
+                    self._fail(result)
+                self._pending[rid] -= 1
+                if self._pending[rid] == 0:
+                    del self._pending[rid]
+                    done.add(rid)
         return done
 
-    def _fail(self, order: RecvOrder) -> None:
-        """Report the blocks as load errors (vLLM recomputes them) and free the peer's."""
-        self.stats.add("kv_transfer_failures")
-        self._load_errors.update(order.local_block_ids)
-        self._pool.submit(self._send_abort, ReleaseOrder(order.peer, order.remote_request_id))
+    def _fail(self, result: LoadResult) -> None:
+        """Free the peer's copy; retry a failed pull against the store; whatever is still
+        missing becomes load errors (vLLM recomputes from the first of them)."""
+        order = result.order
+        if isinstance(order, RecvOrder):
+            self.stats.add("kv_transfer_failures")
+            self._pool.submit(self._send_abort,
+                              ReleaseOrder(order.peer, order.remote_request_id))
+            if order.token_ids and "store" in self.loaders:
+                self.stats.add("store_fallbacks")
+                self._pending[order.request_id] += 1
+                self.loaders["store"].start(StoreLoadOrder(
+                    order.request_id, order.local_block_ids, order.token_ids,
+                    order.first_block))
+                return
+        self._load_errors.update(order.local_block_ids[result.loaded_blocks:])
 
     def _finished_sends(self) -> set[str]:
         done: set[str] = set()
@@ -140,7 +222,7 @@ class DisaggWorker:
             self.stats.add("kv_sends_aborted")
         for rid in notified | self._early_done:
             if self._sends.pop(rid, None) is not None:
-                done.add(rid)
+                self._release(rid, "peer", done)
                 self.stats.add("kv_sends_completed")
                 self._early_done.discard(rid)
             else:
@@ -149,28 +231,57 @@ class DisaggWorker:
         for rid, deadline in list(self._sends.items()):
             if now > deadline:
                 del self._sends[rid]
-                done.add(rid)
+                self._release(rid, "peer", done)
                 self.stats.add("kv_sends_expired")
                 logger.warning("request %s: lease expired, blocks freed unread", rid)
+        if self.saver is not None:
+            for rid in self.saver.poll():
+                self._release(rid, "save", done)
         self.endpoint.expect_notifications(bool(self._sends))
         # Notices for requests that never become sends (aborted on this side) must not pile up.
         if len(self._early_done) > 10_000:
             self._early_done.clear()
         return done
 
+    def _release(self, rid: str, reader: str, done: set[str]) -> None:
+        holds = self._holds.get(rid)
+        if holds is None:
+            return
+        holds.discard(reader)
+        if not holds:
+            del self._holds[rid]
+            done.add(rid)
+
     def load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
     def take_stats(self) -> TransferStats | None:
-        if self.stats.is_empty():
-            return None
-        out, self.stats = self.stats, TransferStats()
-        return out
+        with self._stats_lock:
+            out, self.stats = self.stats, TransferStats()
+        if self.store is not None:
+            self._add_tier_deltas(out)
+        return None if out.is_empty() else out
+
+    def _add_tier_deltas(self, out: TransferStats) -> None:
+        """Per-tier counters: the store keeps running totals; vLLM wants increments."""
+        for tier in self.store.stats().tiers:
+            prev = self._tier_totals.get(tier.name, {})
+            now = {f: getattr(tier, f) for f in TIER_FIELDS}
+            for f, v in now.items():
+                if v != prev.get(f, 0):
+                    out.add(f"store_{tier.name}_{f}", v - prev.get(f, 0))
+            self._tier_totals[tier.name] = now
 
     def close(self) -> None:
         for loader in self.loaders.values():
             loader.close()
+        if self._lookup is not None:
+            self._lookup.close()
+        if self._store_pool is not None:
+            self._store_pool.shutdown(wait=True, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
         if self._server is not None:
             self._server.close()
         self._pool.shutdown(wait=False, cancel_futures=True)

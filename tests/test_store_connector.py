@@ -1,0 +1,129 @@
+"""The connector with a KV store, without vLLM: DisaggWorkers on real NIXL and real tiers.
+
+Instance X saves a request's prompt chunks; instance Y (another process in production, a
+second worker here) finds them through its scheduler's lookup and loads them, through a
+shared disk tier and through Redis; a failed peer pull falls back to the store.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from test_connector_worker import LAYERS, NB, _step_until
+
+from disagg.transfer.metadata import (
+    DisaggMetadata,
+    PeerAddress,
+    RecvOrder,
+    StoreLoadOrder,
+    StoreSaveOrder,
+)
+from disagg.transfer.protocol import Compat
+from disagg.transfer.settings import ConnectorSettings, StoreSettings
+from disagg.transfer.store_lookup import LookupClient
+from disagg.transfer.worker import DisaggWorker
+
+BLOCK, CHUNK = 16, 32  # two blocks per chunk
+PROMPT = tuple(range(1000, 1000 + 5 * CHUNK + 7))  # 5 full chunks and a tail
+
+
+def _worker(name: str, fill: bool, store: dict, **settings):
+    caches = [(torch.randn if fill else torch.zeros)(NB, 2, BLOCK, 32).to(torch.bfloat16)
+              for _ in range(LAYERS)]
+    compat = Compat(model="m", dtype="bfloat16", block_size=BLOCK, num_layers=LAYERS,
+                    plane_bytes=[caches[0][0].numel() * 2] * LAYERS)
+    st = StoreSettings(chunk_tokens=CHUNK, cpu_bytes=1 << 22, lookup_timeout_s=2, **store)
+    w = DisaggWorker(ConnectorSettings(store=st, **settings), name, 0, compat, model_id="w1")
+    w.register({f"l{i}": t for i, t in enumerate(caches)}, NB)
+    return w, caches
+
+
+def _shared_tiers(kind: str, tmp_path, request) -> dict:
+    if kind == "disk":
+        return {"disk_path": str(tmp_path / "kv")}
+    url = request.getfixturevalue("redis_url")
+    return {"redis_url": url, "redis_namespace": f"t{time.monotonic_ns()}"}
+
+
+def _save(x: DisaggWorker, rid: str, blocks: tuple[int, ...]) -> None:
+    x.start(DisaggMetadata(store_saves=[StoreSaveOrder(rid, PROMPT[:5 * CHUNK], blocks)]))
+    _step_until([x], lambda r: rid in r[x][0])  # held until copied
+    assert x.store.flush(10)  # write-through to the lower tiers done
+
+
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+def test_chunks_saved_on_one_instance_load_on_another(kind, tmp_path, request):
+    tiers = _shared_tiers(kind, tmp_path, request)
+    x, src = _worker(f"x-{kind}", True, tiers)
+    y, dst = _worker(f"y-{kind}", False, tiers)
+    try:
+        x_blocks = tuple(range(3, 13))  # 10 blocks = 5 chunks
+        _save(x, "a", x_blocks)
+        assert x.take_stats().data["store_saved_chunks"] == 5
+        # Y's scheduler asks Y's rank-0 worker (its CPU tier is empty: the hit is shared).
+        client = LookupClient("y-" + kind, timeout_s=2)
+        assert client.lookup(PROMPT) == 5
+        assert client.lookup((7,) + PROMPT[1:]) == 0  # another first token: nothing
+        client.close()
+        # A local prefix hit of 3 blocks: load prompt blocks 3..9 (chunk 1 from its middle).
+        y_blocks = (15, 14, 0, 1, 2, 5, 6)
+        y.start(DisaggMetadata(store_loads=[StoreLoadOrder("b", y_blocks, PROMPT[:5 * CHUNK],
+                                                           first_block=3)]))
+        _step_until([y], lambda r: "b" in r[y][1])
+        assert not y.load_errors()
+        for s, t in zip(src, dst, strict=True):
+            assert torch.equal(t[list(y_blocks)], s[list(x_blocks[3:])])
+        stats = y.take_stats().data
+        assert stats["store_loaded_tokens"] == 7 * BLOCK
+        assert stats["store_lookups"] == 2 and stats["store_hit_chunks"] == 5
+        assert stats[f"store_{kind}_load_hits"] >= 4  # came through the shared tier
+    finally:
+        x.close()
+        y.close()
+
+
+def test_failed_pull_falls_back_to_the_store_then_recompute(tmp_path):
+    tiers = {"disk_path": str(tmp_path / "kv")}
+    x, src = _worker("x-fb", True, tiers)
+    y, dst = _worker("y-fb", False, tiers, handshake_timeout_s=0.5, transfer_timeout_s=3)
+    try:
+        _save(x, "a", tuple(range(0, 6)))  # the first 3 chunks only
+        order = RecvOrder("r", PeerAddress("gone", "127.0.0.1", 1), "preq",
+                          local_block_ids=tuple(range(8, 16)), remote_block_ids=tuple(range(8)),
+                          token_ids=PROMPT[:5 * CHUNK], first_block=0)
+        y.start(DisaggMetadata(recvs=[order]))
+        _step_until([y], lambda r: "r" in r[y][1])
+        # 6 blocks came from the store; vLLM recomputes the 2 it did not hold.
+        assert y.load_errors() == {14, 15}
+        for s, t in zip(src, dst, strict=True):
+            assert torch.equal(t[8:14], s[0:6])
+        stats = y.take_stats().data
+        assert stats["kv_transfer_failures"] == 1 and stats["store_fallbacks"] == 1
+        assert stats["store_loaded_tokens"] == 6 * BLOCK
+    finally:
+        x.close()
+        y.close()
+
+
+def test_prefill_blocks_are_held_for_both_the_pull_and_the_save(tmp_path):
+    p, _ = _worker("p-hold", True, {}, lease_s=0.5)
+    try:
+        p.start(DisaggMetadata(sends={"q": 0.5}, store_saves=[
+            StoreSaveOrder("q", PROMPT[:2 * CHUNK], (1, 2, 3, 4))]))
+        res = _step_until([p], lambda r: "q" in r[p][0])  # the lease expires, save done
+        assert res[p][0] == {"q"}
+        stats = p.take_stats().data
+        assert stats["kv_sends_expired"] == 1 and stats["store_saved_chunks"] == 2
+        assert p._holds == {}
+    finally:
+        p.close()
+
+
+def test_lookup_without_a_server_times_out_to_zero():
+    client = LookupClient("nobody-home", timeout_s=0.2)
+    t0 = time.monotonic()
+    assert client.lookup(PROMPT) == 0 and client.lookup(PROMPT) == 0
+    assert time.monotonic() - t0 < 2 and client.timeouts == 2
+    client.close()

@@ -1,0 +1,203 @@
+"""The worker's side of the KV store: chunks in and out of vLLM's paged KV cache.
+
+    save (finished request):  blocks --gather--> chunk bytes --put--> CPU tier --> disk/Redis
+    load (WAITING_FOR_REMOTE_KVS request):  store --get--> chunk bytes --scatter--> blocks
+
+A chunk is ``chunk_tokens / block_size`` consecutive prompt blocks of every layer, as the
+gather kernel lays them out (``[layers, planes, blocks, elements]``, raw bits). Both
+directions run in a background thread, off the engine's step: a save holds its source
+blocks (vLLM frees them only once ``get_finished`` reports the request), a load writes
+blocks that only its waiting request owns. On CUDA the copies stage through host memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from disagg.kernels import KVLayout, gather_blocks, scatter_blocks
+from disagg.kernels.geometry import bits, geometry
+from disagg.transfer.loaders import KVLoader, LoadResult
+from disagg.transfer.metadata import StoreLoadOrder, StoreSaveOrder
+from disagg.transfer.protocol import Compat
+from disagg.transfer.settings import StoreSettings
+from disagg.transfer.stats import TransferStats
+from disagg.transfer.store import (
+    BACKENDS,
+    ChunkKey,
+    KVFingerprint,
+    StoreBackend,
+    TieredStore,
+    chunk_keys,
+    chunk_tokens_for,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def fingerprint(compat: Compat, layout: KVLayout, tp_rank: int,
+                model_id: str) -> KVFingerprint:
+    """What the chunk bytes depend on. ``model_id`` names the weights (the built-in models'
+    folders carry a content hash), ``compat.model`` the served name."""
+    shape = f"{layout.value}:{len(compat.plane_bytes)}x{compat.plane_bytes[0]}"
+    return KVFingerprint(model=f"{compat.model}@{model_id}", dtype=compat.dtype, layout=shape,
+                         block_size=compat.block_size, tp_rank=tp_rank,
+                         tp_size=compat.tp_size)
+
+
+def build_store(s: StoreSettings) -> TieredStore:
+    """The tiers ``s`` names, fastest first."""
+    tiers: list[StoreBackend] = [BACKENDS["cpu"](s.cpu_bytes)]
+    if s.disk_path:
+        tiers.append(BACKENDS["disk"](s.disk_path, s.disk_bytes))
+    if s.redis_url:
+        tiers.append(BACKENDS["redis"](s.redis_bytes, url=s.redis_url,
+                                       namespace=s.redis_namespace))
+    return TieredStore(tiers)
+
+
+class ChunkCodec:
+    """Converts between a list of block ids and one chunk's bytes for these KV tensors."""
+
+    def __init__(self, kv_caches: Sequence[torch.Tensor], block_size: int, chunk_tokens: int,
+                 fingerprint: KVFingerprint):
+        self.kv_caches = list(kv_caches)
+        self.layout = KVLayout.CUDA if self.kv_caches[0].is_cuda else KVLayout.CPU
+        self.geometry = geometry(self.kv_caches, self.layout)
+        self.block_size = block_size
+        self.chunk_tokens = chunk_tokens_for(block_size, chunk_tokens)
+        self.blocks_per_chunk = self.chunk_tokens // block_size
+        self.fingerprint = fingerprint
+
+    def keys(self, token_ids: Sequence[int]) -> list[ChunkKey]:
+        return chunk_keys(token_ids, self.fingerprint, self.chunk_tokens)
+
+    def encode(self, block_ids: Sequence[int]) -> memoryview:
+        chunk = gather_blocks(self.kv_caches, block_ids, self.layout)
+        return memoryview(bits(chunk.cpu()).numpy()).cast("B")
+
+    def decode_into(self, data: bytes, block_ids: Sequence[int], offset: int) -> None:
+        """Scatter blocks ``offset .. offset + len(block_ids) - 1`` of the chunk ``data``."""
+        g = self.geometry
+        with warnings.catch_warnings():  # read-only bytes: we only read (and copy) them
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(data, dtype=torch.uint8)
+        if raw.numel() != self.chunk_bytes():
+            raise ValueError(f"chunk of {raw.numel()} bytes, expected {self.chunk_bytes()}")
+        chunk = raw.view(bits(torch.empty(0, dtype=g.dtype)).dtype).view(
+            g.num_layers, g.num_planes, self.blocks_per_chunk, g.block_elems)
+        part = chunk[:, :, offset:offset + len(block_ids)].contiguous().view(g.dtype)
+        scatter_blocks(part.to(g.device), self.kv_caches, block_ids, self.layout)
+
+    def chunk_bytes(self) -> int:
+        g = self.geometry
+        itemsize = torch.empty(0, dtype=g.dtype).element_size()
+        return g.num_layers * g.num_planes * self.blocks_per_chunk * g.block_elems * itemsize
+
+
+@dataclass(slots=True)
+class _Job:
+    order: StoreLoadOrder | StoreSaveOrder
+    future: Future
+    started: float
+
+
+class StoreLoader(KVLoader):
+    """Loads the store's chunks of a request's prompt into its new blocks (thread)."""
+
+    name = "store"
+
+    def __init__(self, store: TieredStore, codec: ChunkCodec,
+                 stats: Callable[[], TransferStats], pool: ThreadPoolExecutor):
+        self.store, self.codec, self._stats, self._pool = store, codec, stats, pool
+        self._jobs: dict[str, _Job] = {}
+
+    def start(self, order: StoreLoadOrder) -> None:
+        fut = self._pool.submit(self._load, order)
+        self._jobs[order.request_id] = _Job(order, fut, time.monotonic())
+
+    def _load(self, order: StoreLoadOrder) -> int:
+        """Fill the order's blocks chunk by chunk; returns how many leading blocks loaded."""
+        bpc = self.codec.blocks_per_chunk
+        keys = self.codec.keys(order.token_ids)
+        done, nbytes = 0, 0
+        while done < len(order.local_block_ids):
+            block = order.first_block + done
+            c, offset = divmod(block, bpc)
+            data = self.store.get(keys[c]) if c < len(keys) else None
+            if data is None:
+                break
+            n = min(bpc - offset, len(order.local_block_ids) - done)
+            self.codec.decode_into(data, order.local_block_ids[done:done + n], offset)
+            done += n
+            nbytes += len(data)
+        s = self._stats()
+        s.add("store_load_bytes", nbytes)
+        s.add("store_loaded_tokens", done * self.codec.block_size)
+        return done
+
+    def poll(self) -> list[LoadResult]:
+        out: list[LoadResult] = []
+        for rid, job in list(self._jobs.items()):
+            if not job.future.done():
+                continue
+            del self._jobs[rid]
+            try:
+                loaded = job.future.result()
+            except Exception as exc:  # corrupt or unreachable tier: a miss, recomputed
+                logger.warning("request %s: store load failed: %s", rid, exc)
+                loaded = 0
+            self._stats().add("store_load_seconds", time.monotonic() - job.started)
+            n = len(job.order.local_block_ids)
+            out.append(LoadResult(job.order, loaded == n,
+                                  "" if loaded == n else f"store held {loaded}/{n} blocks",
+                                  loaded_blocks=loaded))
+        return out
+
+
+class StoreSaver:
+    """Copies finished requests' full prompt chunks into the store (thread)."""
+
+    def __init__(self, store: TieredStore, codec: ChunkCodec,
+                 stats: Callable[[], TransferStats], pool: ThreadPoolExecutor):
+        self.store, self.codec, self._stats, self._pool = store, codec, stats, pool
+        self._jobs: dict[str, _Job] = {}
+
+    def start(self, order: StoreSaveOrder) -> None:
+        fut = self._pool.submit(self._save, order)
+        self._jobs[order.request_id] = _Job(order, fut, time.monotonic())
+
+    def _save(self, order: StoreSaveOrder) -> None:
+        bpc = self.codec.blocks_per_chunk
+        keys = self.codec.keys(order.token_ids)
+        have = self.store.lookup_prefix(keys)  # a shared prefix is usually stored already
+        saved = 0
+        for c in range(have, len(keys)):
+            blocks = order.block_ids[c * bpc:(c + 1) * bpc]
+            if len(blocks) < bpc:
+                break
+            self.store.put(keys[c], self.codec.encode(blocks))
+            saved += 1
+        s = self._stats()
+        s.add("store_saved_chunks", saved)
+        s.add("store_saved_bytes", saved * self.codec.chunk_bytes())
+
+    def poll(self) -> set[str]:
+        """Requests whose copy is done (or failed: saving is best effort)."""
+        done: set[str] = set()
+        for rid, job in list(self._jobs.items()):
+            if not job.future.done():
+                continue
+            del self._jobs[rid]
+            if job.future.exception() is not None:
+                logger.warning("request %s: store save failed: %s", rid, job.future.exception())
+                self._stats().add("store_save_failures")
+            self._stats().add("store_save_seconds", time.monotonic() - job.started)
+            done.add(rid)
+        return done
