@@ -1,4 +1,4 @@
-"""The ``disagg`` command line: serve, model prepare, bench."""
+"""The ``disagg`` command line: serve, scale, model prepare, bench."""
 
 from __future__ import annotations
 
@@ -38,6 +38,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale(args: argparse.Namespace) -> int:
+    import json
+
+    import httpx
+
+    body = {k: v for k, v in (("prefill", args.prefill), ("decode", args.decode))
+            if v is not None}
+    if not body:
+        print("error: give --prefill and/or --decode", file=sys.stderr)
+        return 2
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        r = httpx.post(args.url.rstrip("/") + "/v1/disagg/scale", json=body, headers=headers,
+                       timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        print(f"error: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        print(f"error: HTTP {r.status_code}: {r.text}", file=sys.stderr)
+        return 1
+    for inst in r.json()["instances"]:
+        print(f"{inst['key']:<10} {inst['role']:<8} {inst['engine_id']:<22} {inst['url']}")
+    print(json.dumps({"scaled": body}))
+    return 0
+
+
 def _model_prepare(args: argparse.Namespace) -> int:
     from disagg.models import cli_prepare
 
@@ -53,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray cluster to join (default: "
                    "the job's cluster under `ray job submit`, else a local one)")
     s.set_defaults(func=_serve)
+    sc = sub.add_parser("scale", help="resize the pools of a running deployment")
+    sc.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
+    sc.add_argument("--prefill", type=int, default=None, help="prefill instances wanted")
+    sc.add_argument("--decode", type=int, default=None, help="decode instances wanted")
+    sc.add_argument("--api-key", default=None, help="the gateway's API key, if set")
+    sc.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait")
+    sc.set_defaults(func=_scale)
     m = sub.add_parser("model", help="built-in models")
     msub = m.add_subparsers(dest="model_command", required=True)
     mp = msub.add_parser("prepare", help="build a built-in model; prints its path last")

@@ -22,7 +22,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,7 +37,7 @@ from disagg.instance import InstanceInfo
 from disagg.metrics import GatewayMetrics
 from disagg.pool import InstancePool, Member
 from disagg.scheduler.base import Policy, RequestInfo
-from disagg.scheduler.decider import PrefillDecider
+from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
 from disagg.scheduler.kv_events import KVEventSubscriber
 from disagg.scheduler.kv_index import PrefixIndex
@@ -49,7 +50,8 @@ class Gateway:
                  decode_policy: Policy, served_model_name: str, max_model_len: int,
                  api_key: str | None = None, request_timeout_s: float = 600.0,
                  decider: PrefillDecider | None = None, hasher: RequestHasher | None = None,
-                 index: PrefixIndex | None = None, block_size: int | None = None):
+                 index: PrefixIndex | None = None, block_size: int | None = None,
+                 scaler: Callable[[int | None, int | None], dict] | None = None):
         self.pool, self.metrics = pool, metrics
         self.prefill_policy, self.decode_policy = prefill_policy, decode_policy
         self.model, self.max_model_len = served_model_name, max_model_len
@@ -59,6 +61,9 @@ class Gateway:
         # Learned from the first KV event when the topology leaves it to vLLM's default.
         self.block_size = block_size
         self._events: KVEventSubscriber | None = None
+        self.recent: deque[dict[str, Any]] = deque(maxlen=200)  # routing decisions
+        self.scaler = scaler
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._timeout = httpx.Timeout(request_timeout_s, connect=5.0)
         self._client: httpx.AsyncClient | None = None
         self.app = self._build_app()
@@ -69,6 +74,7 @@ class Gateway:
         async def lifespan(app: FastAPI):
             limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
             self._client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+            self.loop = asyncio.get_running_loop()
             self._start_events()
             await self.pool.start()
             yield
@@ -82,6 +88,8 @@ class Gateway:
         app.get("/health")(self.health)
         app.get("/metrics")(self.prometheus)
         app.get("/v1/models")(self.models)
+        app.get("/v1/disagg/status")(self.status_endpoint)
+        app.post("/v1/disagg/scale")(self.scale_endpoint)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         return app
@@ -172,14 +180,91 @@ class Gateway:
             prefill = [m.candidate for m in self.pool.available("prefill")]
             decision = self.decider.decide(info.uncached_tokens(decoder.info.engine_id),
                                            prefill)
-            self.metrics.decisions.labels("remote" if decision.remote else "local",
-                                          decision.reason).inc()
+            self._record(info, decoder, decision)
             kv_params = await self._prefill(path, body, info) if decision.remote else None
             response = await self._decode(path, body, kv_params, info, start, decoder)
         except APIError as exc:
             self.metrics.requests.labels(path, str(exc.status)).inc()
             return exc.response()
         return response
+
+    def _record(self, info: RequestInfo, decoder: Member, decision: Decision) -> None:
+        """Count the decision and its prefix hit; keep it for /v1/disagg/status."""
+        path = "remote" if decision.remote else "local"
+        self.metrics.decisions.labels(path, decision.reason).inc()
+        hit = info.cached_tokens.get(decoder.info.engine_id, 0)
+        if info.prompt_tokens:
+            self.metrics.prompt_tokens.labels(decoder.key).inc(info.prompt_tokens)
+            self.metrics.hit_tokens.labels(decoder.key).inc(hit)
+        self.recent.append({
+            "request_id": info.request_id, "time": round(time.time(), 3),
+            "decode": decoder.key, "path": path, "reason": decision.reason,
+            "prompt_tokens": info.prompt_tokens, "decoder_cached_tokens": hit})
+        for role in ("prefill", "decode"):
+            queues = [queue_depth(m.candidate) for m in self.pool.available(role)]
+            if queues:
+                self.metrics.imbalance.labels(role).set(max(queues) - min(queues))
+
+    def status(self) -> dict[str, Any]:
+        """Instances with their load and index share, the index, recent decisions."""
+        held = self.index.stats() if self.index is not None else None
+        return {
+            "model": self.model, "block_size": self.block_size,
+            "instances": [{
+                "key": m.key, "role": m.info.role, "engine_id": m.info.engine_id,
+                "url": m.info.url, "healthy": m.healthy, "draining": m.draining,
+                "inflight": m.candidate.inflight, "running": m.candidate.running,
+                "waiting": m.candidate.waiting, "kv_usage": m.candidate.kv_usage,
+                "indexed_blocks": held.per_instance.get(m.info.engine_id, 0) if held else 0,
+            } for m in self.pool.members.values()],
+            "index": None if held is None else {
+                "entries": held.entries, "hashes": held.hashes, "evicted": held.evicted,
+                "max_entries": self.index.max_entries,
+                "event_gaps": self._events.gaps if self._events else 0},
+            "decider": {"min_uncached_tokens": self.decider.min_uncached_tokens,
+                        "max_prefill_queue": self.decider.max_prefill_queue},
+            "recent_decisions": list(self.recent)[-50:],
+        }
+
+    async def status_endpoint(self, request: Request) -> Response:
+        self._authorize(request)
+        return JSONResponse(self.status())
+
+    async def scale_endpoint(self, request: Request) -> Response:
+        """POST {"prefill": N, "decode": M}: answers once the pools have that size."""
+        self._authorize(request)
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict) or set(body) - {"prefill", "decode"}:
+            raise APIError(400, "expected a JSON object with 'prefill' and/or 'decode'")
+        for role, value in body.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise APIError(400, f"{role} must be a non-negative integer", param=role)
+        if self.scaler is None:
+            raise APIError(501, "this gateway cannot scale its pools", code="not_supported")
+        try:
+            result = await asyncio.to_thread(self.scaler, body.get("prefill"),
+                                             body.get("decode"))
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return JSONResponse(result)
+
+    # ---- pool changes (run on the loop: see ``call``) ---------------------------------------
+    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 30.0) -> Any:
+        """Run ``fn(*args)`` on the gateway's event loop from another thread."""
+        async def run() -> Any:
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout_s)
+
+    def add_instance(self, key: str, info: InstanceInfo) -> None:
+        self.pool.add(key, info)
+
+    def remove_instance(self, key: str) -> None:
+        member = self.pool.remove(key)
+        if member is not None and self._events is not None:
+            self._events.unwatch(member.info.engine_id)
 
     def _pick(self, role: str, info: RequestInfo, exclude: set[str] = frozenset()) -> Member:
         members = [m for m in self.pool.available(role) if m.key not in exclude]

@@ -26,6 +26,13 @@ class GatewayMetrics:
                                 ["kind", "instance"], registry=r)
         self.decisions = Counter("disagg_decisions", "Prefill-hop decisions with their reason.",
                                  ["path", "reason"], registry=r)
+        self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens routed to each "
+                                     "decode instance.", ["instance"], registry=r)
+        self.hit_tokens = Counter("disagg_prefix_hit_tokens", "Prompt tokens the chosen decode "
+                                  "instance already held (prefix index).", ["instance"],
+                                  registry=r)
+        self.imbalance = Gauge("disagg_load_imbalance", "Requests queued on the busiest "
+                               "instance minus on the idlest, per role.", ["role"], registry=r)
         self.instance_up = Gauge("disagg_instance_up", "1 while an instance is healthy.",
                                  ["role", "instance"], registry=r)
         # Mirrored from each instance's vLLM /metrics on every poll (counters upstream).

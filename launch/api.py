@@ -55,10 +55,11 @@ class Deployment:
         self._gateway = None
         self._port = 0
         self._closed = False
+        self._scale_lock = threading.Lock()
+        self._next_index: dict[str, int] = {}
 
     # ---- start-up --------------------------------------------------------------------------
     def _start_instances(self) -> None:
-        from disagg.actor import RemoteInstance
         from disagg.models import resolve_model
 
         t = self.topology
@@ -66,30 +67,42 @@ class Deployment:
         builtin = Path(model_path).name != Path(t.model).name
         self.served_model_name = t.api.served_model_name or (
             t.model if builtin else Path(model_path).name)
-        cores = assign_cores(t, os.cpu_count() or 1)
-        port = t.transfer.base_port
         for role, pool in (("prefill", t.prefill), ("decode", t.decode)):
             for i in range(pool.replicas):
-                key = f"{role}-{i}"
-                spec = InstanceSpec(
-                    role=role, index=i, model_path=t.model, served_model_name=self.served_model_name,
-                    engine=t.engine, transfer=t.transfer, store=t.store,
-                    tensor_parallel_size=pool.tensor_parallel_size,
-                    cpu_cores=cores[key] if pool.resources.num_gpus == 0 else [],
-                    log_dir=str(self.log_dir), side_channel_port=port,
-                    kv_events=t.scheduler.kv_events,
-                )
-                port += pool.tensor_parallel_size if port else 0
-                opts = {"num_cpus": pool.resources.num_cpus, "num_gpus": pool.resources.num_gpus,
-                        "max_restarts": -1, "max_task_retries": 0,
-                        "name": f"{self.name}-{key}"}
-                if pool.resources.memory_gib:
-                    opts["memory"] = int(pool.resources.memory_gib * 2**30)
-                self._actors[key] = RemoteInstance.options(**opts).remote(spec.model_dump_json())
+                self._spawn(role, i, pool.replicas)
         refs = {k: a.wait_ready.remote(READY_TIMEOUT_S) for k, a in self._actors.items()}
         self.instances: dict[str, InstanceInfo] = {k: ray.get(r) for k, r in refs.items()}
         for key, info in self.instances.items():
             logger.info("instance %s ready: engine %s at %s", key, info.engine_id, info.url)
+
+    def _spawn(self, role: str, index: int, replicas: int) -> str:
+        """Create the actor of instance ``role-index`` (its engine starts in the actor)."""
+        from disagg.actor import RemoteInstance
+
+        t = self.topology
+        pool = t.prefill if role == "prefill" else t.decode
+        # Cores as if the pool had ``replicas`` instances (scaling re-plans the same way).
+        sized = t.model_copy(update={role: pool.model_copy(update={"replicas": replicas})})
+        key = f"{role}-{index}"
+        self._next_index[role] = max(self._next_index.get(role, 0), index + 1)
+        port = t.transfer.base_port
+        if port:  # instance k of the whole topology takes base_port + k * tp
+            offset = index if role == "prefill" else sized.prefill.replicas + index
+            port += offset * pool.tensor_parallel_size
+        spec = InstanceSpec(
+            role=role, index=index, model_path=t.model, served_model_name=self.served_model_name,
+            engine=t.engine, transfer=t.transfer, store=t.store,
+            tensor_parallel_size=pool.tensor_parallel_size,
+            cpu_cores=assign_cores(sized, os.cpu_count() or 1)[key]
+            if pool.resources.num_gpus == 0 else [],
+            log_dir=str(self.log_dir), side_channel_port=port, kv_events=t.scheduler.kv_events,
+        )
+        opts = {"num_cpus": pool.resources.num_cpus, "num_gpus": pool.resources.num_gpus,
+                "max_restarts": -1, "max_task_retries": 0, "name": f"{self.name}-{key}"}
+        if pool.resources.memory_gib:
+            opts["memory"] = int(pool.resources.memory_gib * 2**30)
+        self._actors[key] = RemoteInstance.options(**opts).remote(spec.model_dump_json())
+        return key
 
     def _start_gateway(self, port: int | None) -> None:
         from disagg.gateway import Gateway
@@ -113,7 +126,7 @@ class Deployment:
             decider=PrefillDecider(sched.min_remote_prefill_tokens, sched.max_prefill_queue),
             hasher=RequestHasher(self.model_path),
             index=PrefixIndex(sched.index_max_blocks) if sched.kv_events else None,
-            block_size=t.engine.block_size,
+            block_size=t.engine.block_size, scaler=self.scale,
         )
         self._port = port if port is not None else (t.api.port or free_port(t.api.host))
         config = uvicorn.Config(self._gateway.app, host=t.api.host, port=self._port,
@@ -153,6 +166,34 @@ class Deployment:
 
     def actor(self, key: str):
         return self._actors[key]
+
+    def scale(self, prefill: int | None = None, decode: int | None = None,
+              drain_timeout_s: float = 600.0) -> dict[str, Any]:
+        """Grow or shrink the pools while serving; returns ``status()`` afterwards.
+
+        New instances join routing once healthy. A removed instance (the newest first)
+        leaves routing at once, finishes the requests it has (up to ``drain_timeout_s``),
+        then stops: no request is lost. At least one decode instance stays.
+        """
+        from disagg.launch.scaling import grow, shrink
+
+        if decode is not None and decode < 1:
+            raise ValueError(f"decode must be at least 1, got {decode}")
+        if prefill is not None and prefill < 0:
+            raise ValueError(f"prefill must be at least 0, got {prefill}")
+        with self._scale_lock:
+            for role, want in (("prefill", prefill), ("decode", decode)):
+                have = sorted((k for k in self._actors if k.startswith(role + "-")),
+                              key=lambda k: int(k.rsplit("-", 1)[1]))
+                if want is None or want == len(have):
+                    continue
+                if want > len(have):
+                    grow(self, role, want - len(have), want)
+                else:
+                    shrink(self, have[want:], drain_timeout_s)
+                pool = getattr(self.topology, role).model_copy(update={"replicas": want})
+                self.topology = self.topology.model_copy(update={role: pool})
+        return self.status()
 
     def shutdown(self) -> None:
         """Stop the gateway, every engine and actor; idempotent."""

@@ -14,6 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Dtype = Literal["bfloat16", "float16", "float32", "auto"]
+# round_robin, least_loaded (queue, then KV usage), kv_aware (uncached prompt + queue),
+# session (X-Session-Id header -> one instance, rendezvous hashing)
+PolicyName = Literal["round_robin", "least_loaded", "kv_aware", "session"]
 
 
 class _Strict(BaseModel):
@@ -158,11 +161,11 @@ class StoreConfig(_Strict):
 class SchedulerConfig(_Strict):
     """How the gateway pairs a prefill and a decode instance for each request."""
 
-    prefill_policy: Literal["round_robin", "least_loaded"] = Field(
-        "least_loaded", description="Policy choosing the prefill instance."
+    prefill_policy: PolicyName = Field(
+        "kv_aware", description="Policy choosing the prefill instance."
     )
-    decode_policy: Literal["round_robin", "least_loaded"] = Field(
-        "least_loaded", description="Policy choosing the decode instance."
+    decode_policy: PolicyName = Field(
+        "kv_aware", description="Policy choosing the decode instance."
     )
     min_remote_prefill_tokens: Annotated[int, Field(ge=0)] = Field(
         256, description="Conditional disaggregation: a request whose prompt the chosen "

@@ -60,7 +60,12 @@ def register(cls: type[Policy]) -> type[Policy]:
 
 
 def make_policy(name: str) -> Policy:
-    from disagg.scheduler import least_loaded, round_robin  # noqa: F401  # registration
+    from disagg.scheduler import (  # noqa: F401  # registration
+        kv_aware,
+        least_loaded,
+        round_robin,
+        session,
+    )
 
     try:
         return _REGISTRY[name]()

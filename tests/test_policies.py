@@ -33,3 +33,47 @@ def test_least_loaded_spreads_equal_load():
 def test_unknown_policy():
     with pytest.raises(ValueError, match="known"):
         make_policy("random")
+
+
+def test_kv_aware_prefers_the_instance_holding_the_prefix():
+    kv, cands = make_policy("kv_aware"), _cands(3)
+    info = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e1": 1792})
+    assert all(kv.choose(cands, info).engine_id == "e1" for _ in range(6))
+
+
+def test_kv_aware_spills_a_hot_prefix_when_its_queue_grows():
+    kv, cands = make_policy("kv_aware"), _cands(2)
+    info = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e0": 1920})
+    picks = []
+    for _ in range(8):  # closed loop: each pick stays in flight
+        c = kv.choose(cands, info)
+        c.inflight += 1
+        picks.append(c.engine_id)
+    counts = Counter(picks)
+    assert counts["e1"] >= 2 and counts["e0"] > counts["e1"]  # spilled, still favoured
+    # Once e1 holds the prefix too, load decides: the two even out.
+    info.cached_tokens["e1"] = 1920
+    for _ in range(8):
+        kv.choose(cands, info).inflight += 1
+    assert abs(cands[0].inflight - cands[1].inflight) <= 1
+
+
+def test_kv_aware_without_tokens_is_least_queue():
+    kv, cands = make_policy("kv_aware"), _cands(3)
+    cands[0].inflight, cands[1].inflight, cands[2].inflight = 2, 0, 1
+    assert kv.choose(cands, RequestInfo("r")).engine_id == "e1"
+
+
+def test_session_affinity_is_sticky_and_moves_only_a_lost_instances_sessions():
+    sess, cands = make_policy("session"), _cands(4)
+    infos = [RequestInfo(str(i), headers={"x-session-id": f"user-{i}"}) for i in range(200)]
+    first = {i.request_id: sess.choose(cands, i).engine_id for i in infos}
+    assert first == {i.request_id: sess.choose(cands, i).engine_id for i in infos}
+    assert len(set(first.values())) == 4
+    survivors = [c for c in cands if c.engine_id != "e2"]
+    after = {i.request_id: sess.choose(survivors, i).engine_id for i in infos}
+    moved = {r for r in first if first[r] != after[r]}
+    assert moved == {r for r, e in first.items() if e == "e2"}
+    # No header: least-loaded.
+    cands[0].inflight = cands[1].inflight = cands[3].inflight = 5
+    assert sess.choose(cands, RequestInfo("x")).engine_id == "e2"

@@ -1,0 +1,38 @@
+"""KV-aware: the instance where this request costs least, counting work it would redo.
+
+    cost(c) = uncached_prompt_tokens(c) + queue_tokens * queue(c)
+
+``uncached_prompt_tokens`` is the prompt minus the prefix ``c`` already holds (the gateway's
+prefix index, from vLLM's KV events); ``queue(c)`` is the requests ahead of a new one (the
+gateway's own in-flight count, or the instance's running + waiting when larger). The queue
+term is what stops a popular prefix from piling every request onto one instance: once its
+queue costs more than recomputing the prefix elsewhere, the next instance takes it (and then
+holds that prefix too). Ties rotate. Without token information (the gateway could not
+tokenize) it degrades to least-queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from disagg.scheduler.base import Candidate, Policy, RequestInfo, register
+from disagg.scheduler.decider import queue_depth
+
+
+@register
+class KVAware(Policy):
+    name = "kv_aware"
+
+    def __init__(self, queue_tokens: float = 512.0) -> None:
+        self.queue_tokens = queue_tokens
+        self._turn = itertools.count()
+
+    def cost(self, c: Candidate, request: RequestInfo) -> float:
+        uncached = request.uncached_tokens(c.engine_id) or 0
+        return uncached + self.queue_tokens * (queue_depth(c) + c.kv_usage)
+
+    def choose(self, candidates: Sequence[Candidate], request: RequestInfo) -> Candidate:
+        k = next(self._turn) % len(candidates)
+        ordered = [*candidates[k:], *candidates[:k]]
+        return min(ordered, key=lambda c: self.cost(c, request))
