@@ -3,6 +3,9 @@ Redis tier promise."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -27,7 +30,8 @@ from disagg.transfer.store import (
     StoreBackend,
     TieredStore,
 )
-from disagg.transfer.store.disk import HEADER
+from disagg.transfer.store import disk as disk_module
+from disagg.transfer.store.disk import HEADER, LEDGER, RECORD
 from disagg.transfer.store.keys import ChunkKey
 from disagg.transfer.store.redis import CHECKSUM_SIZE
 from disagg.transfer.store.redis_server import local_redis
@@ -234,6 +238,27 @@ def test_failed_rename_leaves_no_entry_and_no_temp_file(disk, monkeypatch):
     disk.check_integrity()
 
 
+def run_child(script: str, *args: object, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter (another process sharing the directory)."""
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def dir_bytes(path: Path) -> int:
+    """What the entry and temporary files take, as an outside observer sums it."""
+    total = 0
+    for name in os.listdir(path):  # a small dir: one getdents, a consistent list of names
+        if name.endswith((".kv", ".tmp")):
+            with contextlib.suppress(FileNotFoundError):  # removed since: not counted
+                total += os.lstat(path / name).st_size
+    return total
+
+
+def ledger_used(path: Path) -> int:
+    with open(path / ".lock", "rb") as f:
+        return LEDGER.unpack(f.read(LEDGER.size))[4]
+
+
 KILLED_WRITER = """
 import os, signal, sys
 from disagg.transfer.store.disk import DiskBackend
@@ -247,18 +272,121 @@ d.put(ChunkKey(bytes(31) + b"\\x02"), b"torn" * 1000)
 
 def test_writer_killed_mid_write_leaves_no_visible_entry(tmp_path):
     path = tmp_path / "kv"
-    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path)], timeout=60,
-                          capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert len(list(path.glob("*.tmp"))) == 1  # it really died mid-write
-    d = DiskBackend(path, 1 << 20)  # the dead writer's lock is gone with it
+    live = DiskBackend(path, 1 << 20)  # a sharer open all along
     try:
-        assert d.get(key(1)) == b"committed" * 100
-        assert not d.contains(key(2)) and d.get(key(2)) is None
-        assert list(path.glob("*.tmp")) == []  # cleaned on start
-        d.check_integrity()
+        proc = run_child(KILLED_WRITER, path)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert len(list(path.glob("*.tmp"))) == 1  # it really died mid-write
+        assert live.get(key(1)) == b"committed" * 100  # adopted from the dead writer
+        assert not live.contains(key(2)) and live.get(key(2)) is None
+        assert live.used_bytes == 2 * HEADER.size + 900 + 4000  # its reservation, still held
+        live.check_integrity()
+        d = DiskBackend(path, 1 << 20)  # the dead writer's locks are gone with it
+        try:
+            assert d.get(key(1)) == b"committed" * 100
+            assert not d.contains(key(2)) and d.get(key(2)) is None
+            assert list(path.glob("*.tmp")) == []  # cleaned on start
+            assert d.used_bytes == live.used_bytes == HEADER.size + 900
+            d.check_integrity()
+            live.check_integrity()
+        finally:
+            d.close()
     finally:
-        d.close()
+        live.close()
+
+
+RANDOM_KILL_WRITER = """
+import os, sys, time
+from disagg.transfer.store.disk import DiskBackend
+from disagg.transfer.store.keys import ChunkKey
+real_fsync = os.fsync
+os.fsync = lambda fd: (time.sleep(0.02), real_fsync(fd))  # a slow disk: long writes
+d = DiskBackend(sys.argv[1], 64 << 20)
+for i in range(10_000):
+    d.put(ChunkKey(i.to_bytes(32, "big")), bytes([i % 251]) * (1 << 20))
+"""
+
+
+def test_writer_killed_at_a_random_point_leaves_only_complete_entries(tmp_path):
+    path = tmp_path / "kv"
+    live = DiskBackend(path, 64 << 20)
+    proc = subprocess.Popen([sys.executable, "-c", RANDOM_KILL_WRITER, str(path)],
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:  # some entries, then
+            names = os.listdir(path)  # a write in flight
+            if sum(n.endswith(".kv") for n in names) >= 3 and any(
+                    n.endswith(".tmp") for n in names):
+                break
+            time.sleep(0.005 + 0.01 * (time.monotonic() % 1))
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    try:
+        visible = live.keys()
+        assert len(visible) >= 3
+        for k in visible:  # every visible entry is whole, from either backend
+            i = int.from_bytes(k.digest, "big")
+            assert live.get(k) == value(i, 1 << 20)
+        live.rescan()  # a rescan deletes the dead writer's temporary file
+        assert list(path.glob("*.tmp")) == []
+        assert live.used_bytes == dir_bytes(path) == len(visible) * ((1 << 20) + HEADER.size)
+        live.check_integrity()
+        later = DiskBackend(path, 64 << 20)
+        try:
+            assert later.keys() == visible and later.get(visible[-1]) is not None
+            later.check_integrity()
+        finally:
+            later.close()
+    finally:
+        live.close()
+
+
+BLOCKED_WRITER = """
+import os, sys, time
+from disagg.transfer.store.disk import DiskBackend
+from disagg.transfer.store.keys import ChunkKey
+d = DiskBackend(sys.argv[1], 1 << 20)
+def stuck(fd):
+    print("writing", flush=True)
+    time.sleep(120)
+os.fsync = stuck  # a live writer, mid-write for as long as the test needs
+d.put(ChunkKey(bytes(31) + b"\\x07"), bytes(5000))
+"""
+
+
+def test_a_live_writers_temporary_file_is_never_cleaned(tmp_path):
+    path = tmp_path / "kv"
+    path.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED_WRITER, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        d = DiskBackend(path, 1 << 20)  # opening rescans, and cleans stale files...
+        try:
+            [tmp] = path.glob("*.tmp")  # ...but not this one: its writer is alive
+            d.put(key(1), value(1))
+            d.rescan()
+            assert tmp.exists() and not d.contains(key(7))
+            assert d.used_bytes == VALUE + 5000 + 2 * HEADER.size  # the write's reservation
+            d.check_integrity()
+            proc.kill()
+            proc.wait(timeout=30)
+            d.rescan()  # now it is a dead writer's
+            assert not tmp.exists() and d.used_bytes == VALUE + HEADER.size
+            d.check_integrity()
+        finally:
+            d.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 def test_restart_rebuilds_index_in_lru_order(tmp_path):
@@ -292,23 +420,280 @@ def test_restart_with_smaller_cap_evicts_oldest(tmp_path):
         d.close()
 
 
-def test_one_owner_per_directory(disk):
-    with pytest.raises(RuntimeError, match="owned by another"):
-        DiskBackend(disk.path, 1 << 20)
-    disk.close()
+@pytest.fixture
+def disk_pair(tmp_path):
+    """Two backends on one directory, as two instances on one host."""
+    a, b = (DiskBackend(tmp_path / "kv", KINDS[1].capacity()) for _ in range(2))
+    yield a, b
+    for backend in (a, b):
+        backend.close()
+
+
+def test_disk_backends_share_entries_recency_and_deletes(disk_pair):
+    a, b = disk_pair
+    for i in range(SLOTS):
+        a.put(key(i), value(i))
+    assert b.contains(key(3)) and b.get(key(0)) == value(0)  # a's puts; b's read: most recent
+    b.put(key(100), value(100))  # evicts key(1), the oldest, from the shared directory
+    assert not a.contains(key(1)) and a.get(key(1)) is None  # indexed by a, gone: a miss
+    assert a.get(key(0)) == value(0) and a.get(key(100)) == value(100)
+    assert a.keys() == b.keys() and a.used_bytes == b.used_bytes == a.capacity_bytes
+    assert b.delete(key(100)) and not a.contains(key(100)) and a.get(key(100)) is None
+    assert not a.delete(key(100)) and a.used_bytes == a.capacity_bytes - VALUE - HEADER.size
+    assert a.evicted_entries == 0 and b.evicted_entries == 1
+    a.put(key(2), value(99))  # replaces b's view of it too
+    assert b.get(key(2)) == value(99)
+    for backend in (a, b):
+        backend.check_integrity()
+    a.close()
+    a.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
-        disk.put(key(1), value(1))
-    DiskBackend(disk.path, 1 << 20).close()
+        a.put(key(1), value(1))
+    assert b.put(key(200), value(200)) and b.contains(key(200))
+    b.check_integrity()
 
 
-def test_foreign_files_ignored_and_vanished_files_forgotten(disk):
+def test_disk_backends_in_one_process_under_threads_keep_the_cap(disk_pair):
+    a, b = disk_pair
+    cap, seen, done = a.capacity_bytes, [], threading.Event()
+
+    def worker(backend: DiskBackend, t: int) -> None:
+        for i in range(60):
+            k = key((t * 7 + i) % (3 * SLOTS))
+            if i % 3:
+                assert backend.put(k, value(i))
+            else:
+                got = backend.get(k)
+                assert got is None or got == value(got[0], VALUE)
+            if i % 10 == 0:
+                assert backend.delete(key(i)) in (True, False)
+
+    def watcher() -> None:
+        while not done.is_set():
+            seen.append(dir_bytes(a.path))
+
+    threads = [threading.Thread(target=worker, args=(bk, t)) for t, bk in enumerate([a, b] * 3)]
+    watch = threading.Thread(target=watcher)
+    watch.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    done.set()
+    watch.join(timeout=10)
+    assert seen and max(seen) <= cap and a.used_bytes <= cap
+    a.check_integrity()
+    b.check_integrity()
+
+
+WRITER = """
+import json, os, sys, time
+from disagg.transfer.store.disk import DiskBackend
+from disagg.transfer.store.keys import ChunkKey
+path, cap, w, n, size, go = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
+d = DiskBackend(path, cap)
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.001)
+log = []
+for i in range(n):
+    k = ChunkKey((1000 * w + i).to_bytes(32, "big"))
+    start = time.time_ns()
+    stored = d.put(k, bytes([i % 251]) * size)
+    log.append((i, start, time.time_ns(), stored))
+d.close()
+print(json.dumps(log), flush=True)
+"""
+
+
+def test_writers_in_two_processes_hold_the_cap_and_evict_oldest_first(tmp_path):
+    path, go, size, slots = tmp_path / "kv", tmp_path / "go", 4000, 16
+    entry = size + HEADER.size
+    # Each writer alone writes over 3x the capacity; the second stops halfway, so the first
+    # must then evict the second's (older) entries, not its own.
+    cap, per_writer = slots * entry, [4 * slots, 2 * slots]
+    path.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(cap), str(w),
+                               str(per_writer[w]), str(size), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w in range(2)]
+    seen, done = [], threading.Event()
+
+    def watcher() -> None:  # file sizes as anyone sees them, and the shared ledger
+        while not done.is_set():
+            seen.append((dir_bytes(path), ledger_used(path)))
+
+    try:
+        for p in procs:
+            assert p.stdout.readline() == "ready\n", p.stderr.read()
+        watch = threading.Thread(target=watcher)
+        watch.start()
+        go.touch()
+        logs = []
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            logs.append(json.loads(out))
+    finally:
+        done.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    watch.join(timeout=10)
+    assert len(seen) > 10
+    assert max(files for files, _ in seen) <= cap and max(used for _, used in seen) <= cap
+    assert all(stored for log in logs for *_, stored in log)
+    a_start, a_end = logs[0][0][1], logs[0][-1][2]  # the writers really overlapped
+    b_start, b_end = logs[1][0][1], logs[1][-1][2]
+    assert a_start < b_end and b_start < a_end
+
+    d = DiskBackend(path, cap)
+    try:
+        d.check_integrity()
+        survivors = set(d.keys())
+        assert len(survivors) == slots and d.used_bytes == cap == dir_bytes(path)
+        puts = [(key(1000 * w + i), start, end) for w, log in enumerate(logs)
+                for i, start, end, _ in log]
+        kept = [p for p in puts if p[0] in survivors]
+        gone = [p for p in puts if p[0] not in survivors]
+        for w, n in enumerate(per_writer):  # each writer's survivors are its newest puts...
+            alive = [i for i in range(n) if key(1000 * w + i) in survivors]
+            assert alive == list(range(n - len(alive), n))
+        # ...and no entry put after another's put had returned was evicted before it.
+        inverted = [(e[0], s[0]) for e in gone for s in kept if e[1] > s[2]]
+        assert not inverted
+    finally:
+        d.close()
+
+
+TAMPERER = """
+import sys
+from pathlib import Path
+from disagg.transfer.store.disk import HEADER, DiskBackend
+from disagg.transfer.store.keys import ChunkKey
+d = DiskBackend(sys.argv[1], 1 << 20)
+for i in (1, 2, 3):
+    d.put(ChunkKey(i.to_bytes(32, "big")), bytes([i]) * 1000)
+d.close()
+flipped = Path(sys.argv[1]) / f"{ChunkKey((1).to_bytes(32, 'big')).hex}.kv"
+raw = bytearray(flipped.read_bytes())
+raw[HEADER.size + 500] ^= 0x01
+flipped.write_bytes(raw)
+with open(Path(sys.argv[1]) / f"{ChunkKey((2).to_bytes(32, 'big')).hex}.kv", "r+b") as f:
+    f.truncate(HEADER.size + 10)
+"""
+
+
+def test_corruption_written_by_one_process_is_a_miss_in_another(tmp_path):
+    path = tmp_path / "kv"
+    reader = DiskBackend(path, 1 << 20)  # opened first: it has never seen these entries
+    try:
+        proc = run_child(TAMPERER, path)
+        assert proc.returncode == 0, proc.stderr
+        assert reader.contains(key(1)) and reader.contains(key(2))  # the files are there...
+        assert reader.get(key(1)) is None and reader.get(key(2)) is None  # ...but damaged
+        assert reader.corrupt_entries == 2 and reader.get(key(3)) == bytes([3]) * 1000
+        assert not entry_file(reader, key(1)).exists() and not reader.contains(key(2))
+        assert reader.keys() == [key(3)] and reader.used_bytes == 1000 + HEADER.size
+        reader.check_integrity()
+    finally:
+        reader.close()
+
+
+SMALL_SHARER_KILLED = """
+import os, signal, sys
+from disagg.transfer.store.disk import DiskBackend
+DiskBackend(sys.argv[1], int(sys.argv[2]))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_smallest_open_capacity_governs_a_shared_directory(tmp_path):
+    path, entry = tmp_path / "kv", VALUE + HEADER.size
+    big = DiskBackend(path, KINDS[1].capacity())
+    try:
+        for i in range(SLOTS):
+            big.put(key(i), value(i))
+        small = DiskBackend(path, KINDS[1].capacity(3))  # evicts down to its cap at once
+        assert small.keys() == [key(i) for i in range(SLOTS - 3, SLOTS)]
+        assert small.evicted_entries == SLOTS - 3
+        big.put(key(100), value(100))  # big's puts now keep small's cap
+        assert len(big.keys()) == 3 and big.used_bytes == small.capacity_bytes
+        before = big.keys()
+        assert not big.put(key(101), value(101, 4 * VALUE))  # fits big's cap, not small's
+        assert big.keys() == before
+        big.check_integrity()
+        small.check_integrity()
+        small.close()  # big's cap applies again
+        for i in range(200, 200 + SLOTS):
+            big.put(key(i), value(i))
+        assert big.used_bytes == big.capacity_bytes and len(big.keys()) == SLOTS
+        big.check_integrity()
+
+        proc = run_child(SMALL_SHARER_KILLED, path, 2 * entry)  # a sharer that died open
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        assert len(big.keys()) == 2
+        for i in range(300, 305):
+            big.put(key(i), value(i))
+        assert len(big.keys()) == 2  # its cap holds until a rescan finds it dead...
+        big.rescan()
+        for i in range(400, 405):
+            big.put(key(i), value(i))
+        assert len(big.keys()) == 7 and len(list((path / ".sharers").iterdir())) == 1  # ...now
+        big.check_integrity()
+    finally:
+        big.close()
+
+
+def test_emptied_journal_makes_sharers_rescan_and_keep_lru_order(disk_pair, monkeypatch):
+    monkeypatch.setattr(disk_module, "JOURNAL_MAX", 3)
+    a, b = disk_pair
+    b.put(key(0), value(0))
+    for i in range(1, SLOTS):
+        a.put(key(i), value(i))  # a empties the journal twice meanwhile
+    assert (a.path / ".lock").stat().st_size <= LEDGER.size + 3 * RECORD.size
+    b.put(key(100), value(100))  # b missed records: it rescans and still evicts the oldest
+    assert not b.contains(key(0)) and a.keys() == [key(i) for i in range(1, SLOTS)] + [key(100)]
+    b.put(key(101), value(101))
+    assert not a.contains(key(1)) and b.evicted_entries == 2
+    a.check_integrity()
+    b.check_integrity()
+
+
+def _use_after_fork(backend: DiskBackend, errors) -> None:
+    try:
+        backend.put(key(9), value(9))
+    except RuntimeError as e:
+        errors.put(str(e))
+    backend.close()  # closes the child's copies only
+
+
+def test_a_forked_copy_refuses_to_write_and_leaves_the_parent_registered(disk):
+    disk.put(key(1), value(1))
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    child = ctx.Process(target=_use_after_fork, args=(disk, errors))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0 and "each process must open its own" in errors.get(timeout=10)
+    assert len(list((disk.path / ".sharers").iterdir())) == 1
+    assert disk.put(key(2), value(2)) and disk.keys() == [key(1), key(2)]
+    disk.check_integrity()
+
+
+def test_foreign_files_ignored_and_vanished_files_forgotten(disk, monkeypatch):
     (disk.path / "README").write_text("not an entry")
     (disk.path / "zz.kv").write_text("not a key")
     disk.put(key(1), value(1))
-    entry_file(disk, key(1)).unlink()  # deleted behind the store's back
-    assert disk.get(key(1)) is None and disk.used_bytes == 0
+    entry_file(disk, key(1)).unlink()  # deleted behind every sharer's back
+    assert disk.get(key(1)) is None and disk.keys() == []
+    assert disk.used_bytes == VALUE + HEADER.size  # charged until the next rescan...
+    monkeypatch.setattr(disk_module, "RESCAN_S", 0.0)  # ...which a put runs now and then
+    disk.put(key(2), value(2))
+    assert disk.used_bytes == VALUE + HEADER.size and disk.keys() == [key(2)]
     disk.check_integrity()
-    assert (disk.path / "README").exists()
+    assert (disk.path / "README").exists() and (disk.path / "zz.kv").exists()
 
 
 # -- redis only ----------------------------------------------------------------------------
