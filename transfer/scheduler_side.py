@@ -68,7 +68,7 @@ class DisaggScheduler:
 
     # ---- loads ------------------------------------------------------------------------------
     def _store_end(self, request: Request) -> int:
-        """Prompt tokens the store can give (whole blocks, never the last prompt token).
+        """Prompt tokens the store can give (whole chunks, at most the prompt).
         One lookup per request, remembered until its load is planned or it finishes."""
         if self._lookup is None:
             return 0
@@ -77,9 +77,9 @@ class DisaggScheduler:
             full = request.num_prompt_tokens // self.chunk_tokens * self.chunk_tokens
             tokens = request.prompt_token_ids[:full] if full else []
             self._store_hits[rid] = self._lookup.lookup(tokens) if tokens else 0
-        held = self._store_hits[rid] * self.chunk_tokens
-        last_block = (request.num_prompt_tokens - 1) // self.block_size * self.block_size
-        return min(held, last_block)
+        # A hit covering the whole prompt is fine: after an async load vLLM recomputes the
+        # last prompt token itself (as after a full pull from a peer).
+        return min(self._store_hits[rid] * self.chunk_tokens, request.num_prompt_tokens)
 
     def num_new_matched_tokens(self, request: Request, num_computed: int) -> tuple[int, bool]:
         """Prompt tokens the store and the peer hold beyond our local prefix (no state

@@ -1,0 +1,156 @@
+"""KV store benchmark: a repeated long prompt served from the store against recomputing it.
+
+Two decode-only instances of the built-in ``small`` model (one core each) share a store
+tier. For each prompt (default 8K tokens) and each shared tier (disk, Redis), in one run:
+
+  recompute  instance X, cold: vLLM computes the whole prompt (X then saves its chunks)
+  store      instance Y, which never saw the prompt: its connector finds the chunks in
+             the shared tier and loads them; vLLM computes only the tail
+  local hit  instance Y again: vLLM's own prefix cache (the floor)
+
+TTFT is measured at the first streamed token; greedy outputs must match token for token.
+
+    .venv/bin/python benchmarks/store.py [--tokens 8192] [--prompts 2] [--tiers disk,redis]
+
+Writes its table into benchmarks/RESULTS.md and prints, last,
+``store: ttft_recompute/ttft_store=<ratio> at 8K tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transfer import write_section  # noqa: E402
+
+OUTPUT_TOKENS = 16
+
+
+def ttft_and_tokens(url: str, model: str, prompt: list[int]) -> tuple[float, list[int]]:
+    """Stream one greedy completion; (seconds to the first token, generated token ids)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "temperature": 0,
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
+    ids: list[int] = []
+    first = None
+    t0 = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=1800) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for c in json.loads(line[6:]).get("choices") or []:
+                if c.get("token_ids"):
+                    first = first or time.perf_counter()
+                    ids.extend(c["token_ids"])
+    assert first is not None and len(ids) == OUTPUT_TOKENS, f"bad answer from {url}: {ids}"
+    return first - t0, ids
+
+
+def counter(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.split("{", 1)[0].split(" ", 1)[0] in (name, name + "_total"))
+
+
+def wait_counter(url: str, name: str, at_least: float, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while counter(url, name) < at_least:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} below {at_least} on {url}")
+        time.sleep(0.5)
+
+
+def run_tier(tier: str, store: dict, args: argparse.Namespace) -> list[dict]:
+    from disagg.launch.api import launch
+
+    topo = {"model": args.model, "engine": {"dtype": "bfloat16", "max_model_len":
+                                            args.tokens + 512, "kv_cache_gib": 2},
+            "prefill": {"replicas": 0}, "decode": {"replicas": 2}, "store": store}
+    rng = random.Random(args.seed)
+    rows = []
+    with launch(topo) as dep:
+        x, y = (dep.instances[k].url for k in ("decode-0", "decode-1"))
+        model = dep.served_model_name
+        ttft_and_tokens(x, model, [5] * 300)  # warm both engines up
+        ttft_and_tokens(y, model, [6] * 300)
+        for i in range(args.prompts):
+            prompt = [rng.randrange(10, 16000) for _ in range(args.tokens)]
+            saved = counter(x, "vllm:disagg_store_saved_chunks")
+            t_cold, want = ttft_and_tokens(x, model, prompt)
+            wait_counter(x, "vllm:disagg_store_saved_chunks", saved + args.tokens // 256)
+            time.sleep(2)  # the write-through to the shared tier runs behind the CPU tier
+            loaded = counter(y, "vllm:disagg_store_loaded_tokens")
+            t_store, got = ttft_and_tokens(y, model, prompt)
+            t_hit, again = ttft_and_tokens(y, model, prompt)
+            wait_counter(y, "vllm:disagg_store_loaded_tokens", loaded + 1)
+            rows.append({"tier": tier, "prompt": i, "recompute_s": t_cold, "store_s": t_store,
+                         "local_hit_s": t_hit, "identical": got == want == again,
+                         "loaded_tokens": counter(y, "vllm:disagg_store_loaded_tokens")
+                         - loaded})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def render(rows: list[dict], command: str, tokens: int) -> str:
+    lines = [f"Command: `{command}`", "",
+             "| shared tier | prompt tokens | TTFT recompute (s) | TTFT from store (s) | "
+             "recompute/store | TTFT vLLM prefix hit (s) | tokens loaded | greedy identical |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tier']} | {tokens} | {r['recompute_s']:.2f} | {r['store_s']:.3f} | "
+                     f"{r['recompute_s'] / r['store_s']:.1f} | {r['local_hit_s']:.3f} | "
+                     f"{r['loaded_tokens']:.0f} | {'yes' if r['identical'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="small")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--prompts", type=int, default=2, help="prompts per tier")
+    ap.add_argument("--tiers", default="disk,redis")
+    ap.add_argument("--redis-url", default=None, help="default: a throwaway local server")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = ap.parse_args()
+    rows: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        for tier in args.tiers.split(","):
+            if tier == "disk":
+                path = stack.enter_context(tempfile.TemporaryDirectory(prefix="disagg-kv-"))
+                store = {"disk_path": path}
+            elif tier == "redis":
+                from disagg.transfer.store.redis_server import local_redis
+
+                url = args.redis_url or stack.enter_context(local_redis())
+                store = {"redis_url": url, "redis_gib": 2.0}
+            else:
+                raise SystemExit(f"unknown tier {tier!r}: disk or redis")
+            rows += run_tier(tier, store, args)
+    cmd = "python benchmarks/store.py " + " ".join(sys.argv[1:])
+    table = render(rows, cmd.strip(), args.tokens)
+    body = (f"## KV store: a repeated {args.tokens}-token prompt, `{args.model}` model, bf16\n\n"
+            f"Two decode-only instances, one core each; X computes the prompt cold and saves "
+            f"its chunks, Y serves it from the shared tier (its CPU tier and vLLM cache "
+            f"empty), then from its own prefix cache. TTFT at the first streamed token.\n\n"
+            f"{table}")
+    write_section(args.results, "store", body)
+    print(table)
+    ratio = statistics.median(r["recompute_s"] for r in rows) / statistics.median(
+        r["store_s"] for r in rows)
+    assert all(r["identical"] for r in rows), "greedy outputs differ"
+    print(f"store: ttft_recompute/ttft_store={ratio:.1f} at {args.tokens // 1024}K tokens")
+
+
+if __name__ == "__main__":
+    main()
