@@ -188,3 +188,12 @@ def test_hf_tokenizer_counts_like_vllm(tmp_path):
     assert tok.encode("a b a") == [1, 2, 1] and tok.count_prompt("a b a") == 3
     assert tok.count_chat([ChatMessage(role="user", content="a a")]) == 3
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())
+
+
+def test_hot_fraction_skews_requests_onto_document_0():
+    tok = WhitespaceTokenizer()
+    p = replace(SMALL_DOC, num_docs=6, uses_per_doc=20, hot_fraction=0.75)
+    groups = Counter(s.group for s in doc_qa_requests("doc-analysis", tok, p))
+    assert sum(groups.values()) == 120
+    assert 0.7 < groups["doc0"] / 120 < 0.9  # its own share plus 75% of the others'
+    assert len(groups) == 6

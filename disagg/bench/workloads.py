@@ -54,6 +54,7 @@ class DocQAParams:
     source: Source = "synthetic"
     api: Api = "completions"
     seed: int = 0
+    hot_fraction: float = 0.0  # share of requests sent about document 0 (skewed load)
 
 
 DOC_DEFAULTS = {
@@ -141,6 +142,9 @@ def _order(p: DocQAParams) -> list[tuple[int, int]]:
         pairs.sort()
     elif p.order == "random":
         random.Random(p.seed).shuffle(pairs)
+    if p.hot_fraction > 0:
+        rng = random.Random(p.seed + 7)
+        pairs = [(0, u) if rng.random() < p.hot_fraction else (d, u) for d, u in pairs]
     return pairs
 
 
