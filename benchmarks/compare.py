@@ -343,7 +343,7 @@ def run_system(
     """Every load point on ``system``; failures are recorded, not raised (Ctrl-C is)."""
     out = SystemRun(system)
     for load in loads:
-        tag = f"{workload.name}-{system}-{load.label.replace('=', '')}"
+        tag = f"{args.section or workload.name}-{system}-{load.label.replace('=', '')}"
         log_dir = Path(args.out_dir) / "logs" / tag
         print(f"== {system}: {workload.name}, {load.label}", flush=True)
         try:
@@ -371,7 +371,8 @@ def write_results(
     labels = [load.label for load in loads]
     by_load = {lb: {r.system: r.reports[lb] for r in runs if lb in r.reports} for lb in labels}
     qps = {load.label: load.qps for load in loads}
-    paths = plots.comparison_plots(by_load, qps, workload.name, Path(args.out_dir))
+    name = args.section or workload.name
+    paths = plots.comparison_plots(by_load, qps, name, Path(args.out_dir))
     a, b = s.cores
     setup = (
         f"model `{s.model_name}` ({s.model_path.name}), {s.dtype}, cores {a},{b} (aggregated: "
@@ -383,7 +384,7 @@ def write_results(
     command = "python benchmarks/compare.py " + shlex.join(sys.argv[1:])
     md = Path(args.results_md)
     body = results_md.section(runs, workload.info, labels, setup, command, paths, md.parent)
-    results_md.update_results_md(md, workload.name, body)
+    results_md.update_results_md(md, name, body)
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -417,6 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per start")
     p.add_argument("--qps-sweep", help="comma-separated QPS points (open loop), e.g. 0.5,1,2")
     p.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--section", default=None, help="RESULTS.md section and file prefix "
+                   "(default: the workload's name); lets variants of a workload coexist")
     p.add_argument("--results-md", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
     p.add_argument("--disagg-bin", default=str(ROOT / ".venv" / "bin" / "disagg"))
