@@ -91,12 +91,13 @@ def run_tier(tier: str, store: dict, args: argparse.Namespace) -> list[dict]:
             time.sleep(2)  # the write-through to the shared tier runs behind the CPU tier
             loaded = counter(y, "vllm:disagg_store_loaded_tokens")
             t_store, got = ttft_and_tokens(y, model, prompt)
-            t_hit, again = ttft_and_tokens(y, model, prompt)
             wait_counter(y, "vllm:disagg_store_loaded_tokens", loaded + 1)
+            time.sleep(1)  # counters arrive on vLLM's stats tick
+            loaded = counter(y, "vllm:disagg_store_loaded_tokens") - loaded
+            t_hit, again = ttft_and_tokens(y, model, prompt)
             rows.append({"tier": tier, "prompt": i, "recompute_s": t_cold, "store_s": t_store,
                          "local_hit_s": t_hit, "identical": got == want == again,
-                         "loaded_tokens": counter(y, "vllm:disagg_store_loaded_tokens")
-                         - loaded})
+                         "loaded_tokens": loaded})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
