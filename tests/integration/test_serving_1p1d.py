@@ -1,9 +1,11 @@
 """One 1P1D deployment (API key on) exercised as a user would: the OpenAI client, bad input,
-idle cost, status, a prefill actor killed mid-flight, and no process left behind."""
+idle cost, status, conditional disaggregation and the gateway's prefix index, a prefill actor
+killed mid-flight, and no process left behind."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import random
 import time
 
 import httpx
@@ -11,6 +13,8 @@ import psutil
 import pytest
 import ray
 from helpers import scrape
+
+from disagg.scheduler.hashing import external_block_hashes
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +132,104 @@ def test_idle_instance_uses_under_5_percent_of_a_core(dep):
     used = {p.pid: sum(p.cpu_times()[:2]) - before[p.pid] for p in procs}
     per_instance = sum(used.values()) / len(dep.instances) / window
     assert per_instance < 0.05, f"idle instance uses {per_instance:.1%} of a core: {used}"
+
+
+# ---- conditional disaggregation and the prefix index (decider at its default threshold) ---
+THRESHOLD = 256
+
+
+@pytest.fixture
+def conditional(dep):
+    """This deployment sends every request through prefill; these tests use the default
+    conditional-disaggregation threshold instead."""
+    from disagg.scheduler.decider import PrefillDecider
+
+    gw = dep._gateway
+    old, gw.decider = gw.decider, PrefillDecider(THRESHOLD)
+    yield dep
+    gw.decider = old
+
+
+def _decisions(d, path: str, reason: str) -> float:
+    return scrape(d.url, "disagg_decisions", path=path, reason=reason)
+
+
+def _post_ok(d, body: dict, path: str = "/v1/completions") -> dict:
+    r = httpx.post(d.url + path, json={"model": "tiny", "max_tokens": 4, "temperature": 0,
+                                       **body}, headers=AUTH, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _decoder(d):
+    return next(i for i in d.instances.values() if i.role == "decode")
+
+
+def _wait_for(cond, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_gateway_hashes_agree_with_instance_events(conditional):
+    dep = conditional
+    """Random prompts of every request shape: each full block the gateway hashes is one
+    the instance that computed it reported in its KV events."""
+    gw = dep._gateway
+    rng = random.Random(11)
+    words = ["cache", "prefill", "decode", "block", "token", "hash", "GPU", "Ray", "é", "的"]
+    cases = []
+    for i in range(6):
+        text = " ".join(rng.choice(words) for _ in range(rng.randrange(200, 400)))
+        cases.append(("/v1/completions", {"prompt": text}))
+        ids = [rng.randrange(5, 16000) for _ in range(rng.randrange(300, 700))]
+        cases.append(("/v1/completions", {"prompt": ids}))
+        msgs = [{"role": "system", "content": f"rule {i}"},
+                {"role": "user", "content": text[: rng.randrange(500, 1500)]}]
+        cases.append(("/v1/chat/completions", {"messages": msgs}))
+    for path, body in cases:
+        _post_ok(dep, body, path)
+    _wait_for(lambda: gw.block_size, "no KV event reached the gateway")
+    holders = [i.engine_id for i in dep.instances.values()]
+    checked = 0
+    for path, body in cases:
+        tokens = gw.hasher.tokenize(path, {"model": "tiny", **body})
+        hashes = external_block_hashes(tokens[:-1], gw.block_size)
+        assert hashes, "every case spans at least one full block"
+
+        def held(hashes=hashes):
+            return max(gw.index.match(e, hashes) for e in holders) == len(hashes)
+        _wait_for(held, f"gateway hashes of a {path} request not in the index")
+        checked += len(hashes)
+    assert checked >= 18
+
+
+def test_short_and_cached_prompts_skip_the_prefill_hop(conditional):
+    dep = conditional
+    dec = _decoder(dep)
+    rng = random.Random(5)
+    doc = [rng.randrange(5, 16000) for _ in range(1500)]
+    remote0 = _decisions(dep, "remote", "long_uncached")
+    pulls0 = scrape(dec.url, "vllm:disagg_kv_transfers_received")
+    _post_ok(dep, {"prompt": doc + [7, 8, 9]})  # a new document: through the prefill instance
+    assert _decisions(dep, "remote", "long_uncached") == remote0 + 1
+    _wait_for(lambda: scrape(dec.url, "vllm:disagg_kv_transfers_received") >= pulls0 + 1,
+              "the decoder pulled no KV")
+    # The decoder now holds the document's blocks (it loaded them); wait for its events.
+    gw = dep._gateway
+    doc_hashes = external_block_hashes(doc, gw.block_size)
+    _wait_for(lambda: gw.index.match(dec.engine_id, doc_hashes) == len(doc_hashes),
+              "decoder's loaded blocks not in the index")
+
+    short0 = _decisions(dep, "local", "short_uncached")
+    pulls1 = scrape(dec.url, "vllm:disagg_kv_transfers_received")
+    for q in range(3):  # same document, new questions: only the tail is uncached
+        _post_ok(dep, {"prompt": doc + [100 + q] * 40})
+    _post_ok(dep, {"prompt": "a short question"})  # short: never worth a hop
+    assert _decisions(dep, "local", "short_uncached") == short0 + 4
+    time.sleep(2)  # connector counters are published on vLLM's stats tick
+    assert scrape(dec.url, "vllm:disagg_kv_transfers_received") == pulls1
 
 
 def _generate(d, i: int) -> list[int]:
