@@ -1,6 +1,6 @@
 """1P1D through the gateway is token-identical to one plain vLLM, and really transfers KV.
 
-For each dtype: a plain vLLM instance with the same engine arguments answers 20 greedy
+For each dtype: a plain vLLM instance with the same engine arguments answers 30 greedy
 prompts of 1 to 3,000 tokens (completions, as token ids) and chat prompts; then a disagg
 1P1D deployment answers the same, streamed and not. The decoder's counters must show the
 prompt KV arrived over NIXL (bytes, external tokens) and that it computed only the one
@@ -15,7 +15,7 @@ from helpers import complete, plain_vllm, scrape, token_prompts
 pytestmark = pytest.mark.integration
 
 MAX_TOKENS = 24
-NUM_PROMPTS = 20
+NUM_PROMPTS = 30
 
 
 def _engine(dtype: str) -> dict:
