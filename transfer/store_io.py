@@ -108,21 +108,28 @@ class _Job:
     started: float
 
 
-class StoreLoader(KVLoader):
-    """Loads the store's chunks of a request's prompt into its new blocks (thread)."""
-
-    name = "store"
+class _StoreJobs:
+    """Runs one job per request on ``pool`` (``_run``); subclasses poll ``_jobs``."""
 
     def __init__(self, store: TieredStore, codec: ChunkCodec,
                  stats: Callable[[], TransferStats], pool: ThreadPoolExecutor):
         self.store, self.codec, self._stats, self._pool = store, codec, stats, pool
         self._jobs: dict[str, _Job] = {}
 
-    def start(self, order: StoreLoadOrder) -> None:
-        fut = self._pool.submit(self._load, order)
+    def start(self, order: StoreLoadOrder | StoreSaveOrder) -> None:
+        fut = self._pool.submit(self._run, order)
         self._jobs[order.request_id] = _Job(order, fut, time.monotonic())
 
-    def _load(self, order: StoreLoadOrder) -> int:
+    def _run(self, order):
+        raise NotImplementedError
+
+
+class StoreLoader(_StoreJobs, KVLoader):
+    """Loads the store's chunks of a request's prompt into its new blocks (thread)."""
+
+    name = "store"
+
+    def _run(self, order: StoreLoadOrder) -> int:
         """Fill the order's blocks chunk by chunk; returns how many leading blocks loaded."""
         bpc = self.codec.blocks_per_chunk
         keys = self.codec.keys(order.token_ids)
@@ -161,19 +168,10 @@ class StoreLoader(KVLoader):
         return out
 
 
-class StoreSaver:
+class StoreSaver(_StoreJobs):
     """Copies finished requests' full prompt chunks into the store (thread)."""
 
-    def __init__(self, store: TieredStore, codec: ChunkCodec,
-                 stats: Callable[[], TransferStats], pool: ThreadPoolExecutor):
-        self.store, self.codec, self._stats, self._pool = store, codec, stats, pool
-        self._jobs: dict[str, _Job] = {}
-
-    def start(self, order: StoreSaveOrder) -> None:
-        fut = self._pool.submit(self._save, order)
-        self._jobs[order.request_id] = _Job(order, fut, time.monotonic())
-
-    def _save(self, order: StoreSaveOrder) -> None:
+    def _run(self, order: StoreSaveOrder) -> None:
         bpc = self.codec.blocks_per_chunk
         keys = self.codec.keys(order.token_ids)
         have = self.store.lookup_prefix(keys)  # a shared prefix is usually stored already
