@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,9 +75,26 @@ class InstanceLoad(BaseModel):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports free right now. All sockets stay open until every port is chosen,
+    so one call never returns a port twice; another process may still take one before its
+    user binds it (``VLLMProcess`` retries start-up on that race)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+# vLLM (and ZMQ) say this when a port picked as free was taken before the bind.
+_PORT_RACE = ("Address already in use", "address already in use")
+_ROOT_CAUSE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:\S+ )*?(\w+(?:\.\w+)*(?:Error|Exception)): ")
 
 
 def node_ip() -> str:
@@ -100,15 +118,20 @@ class VLLMProcess:
     def __init__(self, spec: InstanceSpec):
         self.spec = spec
         self.host = node_ip()
-        self.port = free_port()
-        self.side_channel_port = spec.side_channel_port or free_port()
-        self.events_port, self.replay_port = (free_port(), free_port()) if spec.kv_events \
-            else (0, 0)
+        self._pick_ports()
         self.engine_id = f"{spec.role}-{spec.index}-{uuid.uuid4().hex[:8]}"
         Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
         self.log_path = str(Path(spec.log_dir) / f"{self.engine_id}.log")
         self._proc: subprocess.Popen | None = None
         self._http = httpx.Client(timeout=2)  # reused: a client per poll costs real CPU
+
+    def _pick_ports(self) -> None:
+        """HTTP, side-channel (unless fixed by the topology) and KV-event ports, distinct."""
+        ports = free_ports(4)
+        self.port = ports[0]
+        self.side_channel_port = self.spec.side_channel_port or ports[1]
+        self.events_port, self.replay_port = (ports[2], ports[3]) if self.spec.kv_events \
+            else (0, 0)
 
     @property
     def url(self) -> str:
@@ -173,6 +196,8 @@ class VLLMProcess:
         return env
 
     def start(self) -> None:
+        self._log_offset = Path(self.log_path).stat().st_size if Path(self.log_path).exists() \
+            else 0
         log = open(self.log_path, "ab")  # noqa: SIM115  # handed to the child
         logger.info("engine %s: starting vLLM on %s (log %s)", self.engine_id, self.url,
                     self.log_path)
@@ -185,13 +210,29 @@ class VLLMProcess:
         )
         log.close()
 
-    def wait_healthy(self, timeout_s: float) -> None:
-        """Block until /health answers 200; RuntimeError if the process dies or time runs out."""
+    def wait_healthy(self, timeout_s: float, port_retries: int = 3) -> None:
+        """Block until /health answers 200; RuntimeError if the process dies or time runs out.
+
+        Ports are picked free but bound later by vLLM's processes, so another process on the
+        node can take one in between (two instances starting side by side do). When start-up
+        fails on a port already in use, the instance restarts on fresh ports, at most
+        ``port_retries`` times; any other start-up failure is reported with its root cause.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
+                log = self._log_since_start()
+                if port_retries > 0 and any(m in log for m in _PORT_RACE):
+                    port_retries -= 1
+                    logger.warning("engine %s: a port was taken during start-up; restarting "
+                                   "on fresh ports (%d retries left)", self.engine_id,
+                                   port_retries)
+                    self._pick_ports()
+                    self.start()
+                    continue
                 raise RuntimeError(f"engine {self.engine_id} exited during start-up: "
-                                   f"see {self.log_path}\n{self.log_tail()}")
+                                   f"{root_cause(log) or 'no error in its log'}; see "
+                                   f"{self.log_path}\n{self.log_tail()}")
             if self.healthy():
                 return
             time.sleep(0.5)
@@ -203,6 +244,15 @@ class VLLMProcess:
             return self._http.get(f"{self.url}/health").status_code == 200
         except httpx.HTTPError:
             return False
+
+    def _log_since_start(self) -> str:
+        """The log written by the current child (a restart appends to the same file)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, n: int = 20) -> str:
         try:
@@ -233,6 +283,16 @@ class VLLMProcess:
             self._proc.wait(timeout=5)
         self._proc = None
         self._http.close()
+
+
+def root_cause(log: str) -> str | None:
+    """The first exception line in a vLLM log (the engine core's, before the API server's
+    generic "Engine core initialization failed"), without the log-line prefix."""
+    for line in log.splitlines():
+        m = _ROOT_CAUSE.match(line)
+        if m:
+            return line[m.start(1):].strip()
+    return None
 
 
 def parse_load(metrics_text: str) -> InstanceLoad:

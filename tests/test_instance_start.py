@@ -1,0 +1,110 @@
+"""VLLMProcess start-up: a port taken between picking and binding restarts the instance on
+fresh ports; any other start-up failure is reported with its root cause.
+
+The child here is a small HTTP server standing in for vLLM's (it binds its port the way
+vLLM's processes do, late); the supervision, port picking and log handling are the real ones.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+
+from disagg import instance as inst
+from disagg.instance import InstanceSpec, VLLMProcess, free_ports, root_cause
+from disagg.launch.topology import EngineArgs, TransferConfig
+
+_SERVER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+class _FakeServerProcess(VLLMProcess):
+    def __init__(self, spec: InstanceSpec, script: str = _SERVER):
+        self.script = script
+        super().__init__(spec)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", self.script, str(self.port)]
+
+
+@pytest.fixture
+def spec(tmp_path) -> InstanceSpec:
+    return InstanceSpec(role="decode", index=0, model_path="unused", served_model_name="m",
+                        engine=EngineArgs(), transfer=TransferConfig(), log_dir=str(tmp_path))
+
+
+def test_free_ports_are_distinct():
+    ports = free_ports(16)
+    assert len(set(ports)) == 16
+
+
+def test_port_taken_before_bind_restarts_on_fresh_ports(spec, monkeypatch):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real = inst.free_ports
+    calls = []
+
+    def first_pick_taken(n, host="127.0.0.1"):
+        calls.append(n)
+        ports = real(n, host)
+        return [taken, *ports[1:]] if len(calls) == 1 else ports
+
+    monkeypatch.setattr(inst, "free_ports", first_pick_taken)
+    proc = _FakeServerProcess(spec)
+    assert proc.port == taken
+    try:
+        proc.start()
+        proc.wait_healthy(60)
+        assert proc.port != taken and len(calls) == 2
+        assert proc.healthy()
+    finally:
+        proc.stop()
+        squatter.close()
+
+
+def test_port_retries_are_bounded(spec, monkeypatch):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    monkeypatch.setattr(inst, "free_ports", lambda n, host="127.0.0.1": [taken] * n)
+    proc = _FakeServerProcess(spec)
+    try:
+        proc.start()
+        with pytest.raises(RuntimeError, match="Address already in use"):
+            proc.wait_healthy(60, port_retries=2)
+    finally:
+        proc.stop()
+        squatter.close()
+
+
+def test_other_start_up_failure_names_its_root_cause(spec):
+    proc = _FakeServerProcess(spec, script="raise ValueError('max_model_len too large')")
+    proc.start()
+    try:
+        with pytest.raises(RuntimeError, match="ValueError: max_model_len too large"):
+            proc.wait_healthy(60)
+    finally:
+        proc.stop()
+
+
+def test_root_cause_skips_vllm_log_prefix_and_picks_the_first_error():
+    log = (
+        "(APIServer pid=1) WARNING 11-28 [x.py:1] errors like `OSError: [Errno 24]` may occur\n"
+        "(EngineCore pid=2) ERROR 11-28 03:54:24 [core.py:1510] zmq.error.ZMQError: "
+        "Address already in use (addr='tcp://*:47817')\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
+    assert root_cause(log) == "zmq.error.ZMQError: Address already in use (addr='tcp://*:47817')"
+    assert root_cause("all fine\n") is None
