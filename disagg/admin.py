@@ -59,6 +59,7 @@ class AdminMixin:
             } for m in self.pool.members.values()],
             "index": None if held is None else {
                 "entries": held.entries, "hashes": held.hashes, "evicted": held.evicted,
+                "expected": held.expected,
                 "max_entries": self.index.max_entries,
                 "event_gaps": self._events.gaps if self._events else 0},
             "decider": {"min_uncached_tokens": self.decider.min_uncached_tokens,

@@ -161,6 +161,7 @@ class Gateway(AdminMixin):
             decision = self.decider.decide(info.uncached_tokens(decoder.info.engine_id),
                                            prefill)
             self._record(info, decoder, decision)
+            self._expect(decoder, info)
             kv_params = await self._prefill(path, body, info) if decision.remote else None
             response = await self._decode(path, body, kv_params, info, start, decoder)
         except APIError as exc:
@@ -184,6 +185,12 @@ class Gateway(AdminMixin):
             queues = [queue_depth(m.candidate) for m in self.pool.available(role)]
             if queues:
                 self.metrics.imbalance.labels(role).set(max(queues) - min(queues))
+
+    def _expect(self, member: Member, info: RequestInfo) -> None:
+        """The request will leave its prompt's blocks on ``member``: let the next requests
+        with the same prefix see them before the instance's events arrive."""
+        if self.index is not None and info.block_hashes:
+            self.index.expect(member.info.engine_id, info.block_hashes)
 
     def _pick(self, role: str, info: RequestInfo, exclude: set[str] = frozenset()) -> Member:
         members = [m for m in self.pool.available(role) if m.key not in exclude]
@@ -215,6 +222,7 @@ class Gateway(AdminMixin):
         if not self.pool.available("prefill"):  # went down since the decision
             return None
         member = self._pick("prefill", info)
+        self._expect(member, info)
         pbody = {**body, "max_tokens": 1, "stream": False,
                  "kv_transfer_params": {"do_remote_decode": True}}
         for key in ("stream_options", "min_tokens"):

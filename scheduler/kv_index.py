@@ -12,10 +12,19 @@ Contracts: a hash appears in ``_where`` iff some instance's set holds it; the nu
 (hash, instance) entries never exceeds ``max_entries`` (the least recently stored hash goes
 first, a conservative forget: it can only hide a hit, never invent one). Not thread-safe:
 one event loop owns it.
+
+Expected blocks: events arrive only once an instance has computed (or pulled) a request's
+blocks, seconds after the gateway routed it. Requests sharing a prefix that arrive in that
+window would all look cold and scatter, each instance recomputing the prefix. So the gateway
+also records what a routed request *will* leave on its instances (``expect``), counted by
+``match`` until ``expect_ttl_s`` passes, by which time the real events have taken over
+(Dynamo's router does the same with its predicted blocks). Expected entries are bounded
+(``max_expected`` per instance, oldest first) and dropped with their instance.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,13 +37,19 @@ class IndexStats:
     per_instance: dict[str, int]
     evicted: int
     dropped_instances: int
+    expected: int = 0
 
 
 class PrefixIndex:
-    def __init__(self, max_entries: int = 1_000_000):
-        if max_entries < 1:
-            raise ValueError("max_entries must be positive")
+    def __init__(self, max_entries: int = 1_000_000, expect_ttl_s: float = 30.0,
+                 max_expected: int = 100_000):
+        if max_entries < 1 or max_expected < 0 or expect_ttl_s < 0:
+            raise ValueError("max_entries must be positive; max_expected, expect_ttl_s >= 0")
         self.max_entries = max_entries
+        self.expect_ttl_s = expect_ttl_s
+        self.max_expected = max_expected
+        # instance -> hash -> expiry (monotonic), oldest first
+        self._expected: dict[str, OrderedDict[int, float]] = {}
         self._where: OrderedDict[int, dict[str, str]] = OrderedDict()  # hash -> inst -> tier
         self._held: dict[str, set[int]] = {}
         self._entries = 0
@@ -66,8 +81,24 @@ class PrefixIndex:
                 held.discard(h)
                 self._forget(h, instance)
 
+    def expect(self, instance: str, hashes: Iterable[int], now: float | None = None) -> None:
+        """``instance`` was just sent a request with these block hashes: count them as held
+        for ``expect_ttl_s`` (see the module docstring)."""
+        if not self.max_expected or not self.expect_ttl_s:
+            return
+        now = time.monotonic() if now is None else now
+        pending = self._expected.setdefault(instance, OrderedDict())
+        expiry = now + self.expect_ttl_s
+        for h in hashes:
+            pending[h] = expiry
+            pending.move_to_end(h)
+        while pending and (len(pending) > self.max_expected
+                           or next(iter(pending.values())) <= now):
+            pending.popitem(last=False)
+
     def drop(self, instance: str) -> None:
         """Forget everything ``instance`` holds (restart, cleared cache, event gap)."""
+        self._expected.pop(instance, None)
         held = self._held.pop(instance, set())
         for h in held:
             self._forget(h, instance)
@@ -75,14 +106,17 @@ class PrefixIndex:
             self._dropped += 1
 
     # ---- queries ------------------------------------------------------------------------
-    def match(self, instance: str, hashes: Sequence[int]) -> int:
-        """Number of leading ``hashes`` that ``instance`` holds (its prefix-cache hit)."""
-        held = self._held.get(instance)
-        if not held:
+    def match(self, instance: str, hashes: Sequence[int], now: float | None = None) -> int:
+        """Number of leading ``hashes`` that ``instance`` holds or is expected to hold (its
+        prefix-cache hit)."""
+        held = self._held.get(instance, ())
+        pending = self._expected.get(instance)
+        if not held and not pending:
             return 0
+        now = time.monotonic() if now is None else now
         n = 0
         for h in hashes:
-            if h not in held:
+            if h not in held and (not pending or pending.get(h, 0.0) <= now):
                 break
             n += 1
         return n
@@ -96,7 +130,7 @@ class PrefixIndex:
     def stats(self) -> IndexStats:
         return IndexStats(self._entries, len(self._where),
                           {k: len(v) for k, v in self._held.items()}, self._evicted,
-                          self._dropped)
+                          self._dropped, sum(len(p) for p in self._expected.values()))
 
     def check_integrity(self) -> None:
         """Raise AssertionError if the two views disagree (tests call this)."""
@@ -108,6 +142,7 @@ class PrefixIndex:
         assert total == self._entries == sum(len(w) for w in self._where.values())
         assert all(self._where.values()), "empty holder set left behind"
         assert self._entries <= self.max_entries
+        assert all(len(p) <= self.max_expected for p in self._expected.values())
 
     # ---- internals ----------------------------------------------------------------------
     def _forget(self, h: int, instance: str) -> None:

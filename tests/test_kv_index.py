@@ -56,6 +56,25 @@ def test_memory_bound_evicts_oldest_hashes():
     idx.check_integrity()
 
 
+def test_expected_blocks_count_until_they_expire_and_stay_bounded():
+    idx = PrefixIndex(expect_ttl_s=10, max_expected=5)
+    idx.stored("a", [1])
+    idx.expect("a", [2, 3], now=100.0)
+    assert idx.match("a", [1, 2, 3, 4], now=105.0) == 3  # held + expected, a prefix
+    assert idx.match("b", [1, 2], now=105.0) == 0  # expected only where routed
+    assert idx.match("a", [1, 2, 3], now=110.0) == 1  # expired: only real events count
+    idx.expect("a", range(100, 120), now=200.0)
+    assert idx.stats().expected == 5  # oldest expected forgotten first
+    assert idx.match("a", [115, 116, 117, 118, 119], now=201.0) == 5
+    assert idx.match("a", [100], now=201.0) == 0
+    idx.check_integrity()
+    idx.drop("a")
+    assert idx.stats().expected == 0 and idx.match("a", [115], now=201.0) == 0
+    off = PrefixIndex(expect_ttl_s=0)
+    off.expect("a", [1])
+    assert off.match("a", [1]) == 0
+
+
 def test_hashes_agree_with_vllm():
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import hash_block_tokens, init_none_hash
