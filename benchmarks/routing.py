@@ -31,6 +31,7 @@ from disagg.bench.client import EndpointConfig  # noqa: E402
 from disagg.bench.loadgen import LoadConfig  # noqa: E402
 from disagg.bench.metrics import Slo  # noqa: E402
 from disagg.bench.runner import load_tokenizer, run_bench  # noqa: E402
+from disagg.bench.scrape import Series, series, total  # noqa: E402
 from disagg.bench.sharegpt import ShareGptParams  # noqa: E402
 from disagg.bench.workloads import DocQAParams, build_workload  # noqa: E402
 from transfer import write_section  # noqa: E402
@@ -47,36 +48,56 @@ def topology(model: str, policy: str) -> dict:
             "scheduler": {"prefill_policy": policy, "decode_policy": policy}}
 
 
-def gateway_counters(url: str) -> dict[str, dict[str, float]]:
-    """disagg_* counters by name, then by their label string."""
-    out: dict[str, dict[str, float]] = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("disagg_") and "_total" in line:
-            series, value = line.rsplit(" ", 1)
-            name, _, labels = series.partition("{")
-            out.setdefault(name.removesuffix("_total"), {})[labels.rstrip("}")] = float(value)
-    return out
+def instance_urls(url: str) -> dict[str, str]:
+    """engine_id -> URL of every instance behind the gateway."""
+    status = httpx.get(url + "/v1/disagg/status", timeout=10).json()
+    return {i["key"]: i["url"] for i in status["instances"]}
+
+
+def snapshot(url: str) -> dict[str, Series]:
+    """The gateway's disagg_* counters and each instance's vllm:* prefix-cache counters."""
+    snap = {"gateway": series(url, "disagg_")}
+    for key, inst_url in instance_urls(url).items():
+        snap[key] = series(inst_url, "vllm:")
+    return snap
 
 
 def measure(dep, workload, concurrency: int) -> dict:
     model = dep.served_model_name
-    before = gateway_counters(dep.url)
+    before = snapshot(dep.url)
     report = run_bench(workload, EndpointConfig(dep.url, model), LoadConfig(
         concurrency=concurrency, progress=False), Slo(ttft_ms=5000, itl_ms=500))
-    after = gateway_counters(dep.url)
+    after = snapshot(dep.url)
 
-    def delta(name: str) -> dict[str, float]:
-        return {k: v - before.get(name, {}).get(k, 0) for k, v in after.get(name, {}).items()}
+    def delta(where: str, name: str, **labels: str) -> float:
+        return total(after[where], name, **labels) - total(before.get(where, {}), name,
+                                                           **labels)
 
-    prompt, hits = delta("disagg_prompt_tokens"), delta("disagg_prefix_hit_tokens")
-    routed = {k: v for k, v in delta("disagg_instance_requests").items() if "decode" in k}
+    def per_label(name: str) -> dict[str, float]:
+        keys = {lab for (n, lab) in after["gateway"] if n == name}
+        return {dict(lab).get("reason") or dict(lab).get("instance", ""):
+                delta("gateway", name, **dict(lab)) for lab in keys}
+
+    decoders = [k for k in after if k.startswith("decode")]
+    instances = [k for k in after if k != "gateway"]
+    # Real hits, from vLLM itself: tokens a decoder found in its own prefix cache, and
+    # tokens computed anywhere (each instance's queries minus local and connector hits).
+    queries = sum(delta(k, "vllm:prefix_cache_queries") for k in decoders)
+    hits = sum(delta(k, "vllm:prefix_cache_hits") for k in decoders)
+    computed = sum(delta(k, "vllm:prefix_cache_queries") - delta(k, "vllm:prefix_cache_hits")
+                   - delta(k, "vllm:external_prefix_cache_hits") for k in instances)
+    prompt = delta("gateway", "disagg_prompt_tokens")
+    routed = {k: v for k, v in per_label("disagg_instance_requests").items()
+              if k.startswith("decode")}
     loads = sorted(routed.values()) or [0]
     return {"completed": report.completed, "failed": report.failed,
             "ttft_mean": report.ttft_ms.mean, "ttft_p50": report.ttft_ms.p50,
             "ttft_p99": report.ttft_ms.p99, "itl_p99": report.itl_ms.p99,
-            "hit_rate": sum(hits.values()) / max(1.0, sum(prompt.values())),
-            "decisions": {k.split('reason="')[1].rstrip('"'): v
-                          for k, v in delta("disagg_decisions").items() if v},
+            "hit_rate": hits / max(1.0, queries),
+            "predicted_hit_rate": delta("gateway", "disagg_prefix_hit_tokens")
+            / max(1.0, prompt),
+            "computed_share": computed / max(1.0, prompt),
+            "decisions": {k: v for k, v in per_label("disagg_decisions").items() if v},
             "load_ratio": loads[-1] / max(1.0, loads[0]), "decode_requests": loads}
 
 
@@ -105,8 +126,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
 def render(results: dict[str, dict[str, dict]], command: str) -> str:
     lines = [f"Command: `{command}`", "",
              "| scenario | policy | done/failed | TTFT mean (s) | TTFT p50 (s) | TTFT p99 (s) | "
-             "ITL p99 (ms) | prefix hit rate | decode requests (min..max) | decisions |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "ITL p99 (ms) | decoder prefix hit | gateway's predicted hit | prompt computed | "
+             "decode requests (min..max) | decisions |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, by_policy in results.items():
         for policy, r in by_policy.items():
             dec = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["decisions"].items()))
@@ -114,6 +136,7 @@ def render(results: dict[str, dict[str, dict]], command: str) -> str:
                 f"| {name} | {policy} | {r['completed']}/{r['failed']} | "
                 f"{r['ttft_mean'] / 1e3:.2f} | {r['ttft_p50'] / 1e3:.2f} | "
                 f"{r['ttft_p99'] / 1e3:.2f} | {r['itl_p99']:.0f} | {r['hit_rate']:.1%} | "
+                f"{r['predicted_hit_rate']:.1%} | {r['computed_share']:.1%} | "
                 f"{r['decode_requests'][0]:.0f}..{r['decode_requests'][-1]:.0f} | {dec} |")
     return "\n".join(lines)
 
@@ -135,7 +158,10 @@ def main() -> None:
     body = ("## Routing: kv_aware against round_robin, 2P2D `small` (eager), 4 in flight\n\n"
             "Both policies in the same run, each on a fresh deployment (prefill and decode "
             "chosen by the policy named; conditional disaggregation at its default "
-            "threshold). Hit rate: prompt tokens the chosen decoder already held.\n\n"
+            "threshold). Decoder prefix hit: prompt tokens the decoders found in their own "
+            "prefix cache (vLLM's counters); predicted: what the gateway's index expected "
+            "when routing; prompt computed: tokens prefilled anywhere (prefill and decode "
+            "instances, less local and connector hits) over prompt tokens.\n\n"
             f"{table}")
     write_section(args.results, "routing", body)
     print(table)

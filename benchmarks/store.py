@@ -30,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from disagg.bench.scrape import total
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transfer import write_section  # noqa: E402
 
@@ -57,9 +59,7 @@ def ttft_and_tokens(url: str, model: str, prompt: list[int]) -> tuple[float, lis
 
 
 def counter(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.split("{", 1)[0].split(" ", 1)[0] in (name, name + "_total"))
+    return total(url, name)
 
 
 def wait_counter(url: str, name: str, at_least: float, timeout: float = 120) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from disagg.bench.scrape import total
 from disagg.instance import free_port
 
 
@@ -99,13 +100,4 @@ def complete(url: str, model: str, prompt, max_tokens: int, stream: bool,
 
 def scrape(url: str, name: str, **labels: str) -> float:
     """Sum of a Prometheus series (``name`` without _total) across matching labels."""
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series = line.split(" ")[0]
-        if series.split("{")[0] not in (name, name + "_total"):
-            continue
-        if all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return total(url, name, **labels)

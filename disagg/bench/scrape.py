@@ -1,0 +1,36 @@
+"""Reading Prometheus counters from a running server (gateway or vLLM instance).
+
+Parsing is prometheus_client's; this module only sums samples by name and labels, so
+benchmarks and tests read ``disagg_*`` and ``vllm:*`` counters the same way.
+"""
+
+from __future__ import annotations
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def series(url: str, prefix: str = "", timeout_s: float = 10.0) -> Series:
+    """Every sample under ``url/metrics`` whose name starts with ``prefix``, keyed by
+    (name without ``_total``, sorted labels). Created-time samples are left out."""
+    text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s).text
+    out: Series = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.name.startswith(prefix) or s.name.endswith("_created"):
+                continue
+            key = (s.name.removesuffix("_total"), tuple(sorted(s.labels.items())))
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def total(data: Series | str, name: str, **labels: str) -> float:
+    """Sum of series ``name`` (with or without ``_total``) over samples whose labels include
+    ``labels``. ``data`` is what ``series`` returned, or a URL to scrape now."""
+    if isinstance(data, str):
+        data = series(data, name.removesuffix("_total"))
+    name = name.removesuffix("_total")
+    want = set(labels.items())
+    return sum(v for (n, lab), v in data.items() if n == name and want <= set(lab))
