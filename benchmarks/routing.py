@@ -94,7 +94,7 @@ def measure(dep, workload, concurrency: int) -> dict:
             "ttft_mean": report.ttft_ms.mean, "ttft_p50": report.ttft_ms.p50,
             "ttft_p99": report.ttft_ms.p99, "itl_p99": report.itl_ms.p99,
             "hit_rate": hits / max(1.0, queries),
-            "predicted_hit_rate": delta("gateway", "disagg_prefix_hit_tokens")
+            "predicted_hit_rate": delta("gateway", "disagg_prefix_hit_tokens", tier="engine")
             / max(1.0, prompt),
             "computed_share": computed / max(1.0, prompt),
             "decisions": {k: v for k, v in per_label("disagg_decisions").items() if v},

@@ -22,6 +22,7 @@ from disagg.errors import APIError
 from disagg.instance import InstanceInfo
 from disagg.pool import Member
 from disagg.scheduler.kv_events import KVEventSubscriber
+from disagg.transfer.store.holders import is_store
 
 
 class AdminMixin:
@@ -60,6 +61,7 @@ class AdminMixin:
             "index": None if held is None else {
                 "entries": held.entries, "hashes": held.hashes, "evicted": held.evicted,
                 "expected": held.expected,
+                "store_blocks": {k: n for k, n in held.per_instance.items() if is_store(k)},
                 "max_entries": self.index.max_entries,
                 "event_gaps": self._events.gaps if self._events else 0},
             "decider": {"min_uncached_tokens": self.decider.min_uncached_tokens,

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
@@ -41,6 +42,7 @@ from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
 from disagg.scheduler.kv_events import KVEventSubscriber
 from disagg.scheduler.kv_index import PrefixIndex
+from disagg.transfer.store.holders import loadable_by
 
 logger = logging.getLogger(__name__)
 
@@ -174,13 +176,16 @@ class Gateway(AdminMixin):
         path = "remote" if decision.remote else "local"
         self.metrics.decisions.labels(path, decision.reason).inc()
         hit = info.cached_tokens.get(decoder.info.engine_id, 0)
+        stored = info.store_tokens.get(decoder.info.engine_id, 0)
         if info.prompt_tokens:
             self.metrics.prompt_tokens.labels(decoder.key).inc(info.prompt_tokens)
-            self.metrics.hit_tokens.labels(decoder.key).inc(hit)
+            self.metrics.hit_tokens.labels(decoder.key, "engine").inc(hit)
+            self.metrics.hit_tokens.labels(decoder.key, "store").inc(stored)
         self.recent.append({
             "request_id": info.request_id, "time": round(time.time(), 3),
             "decode": decoder.key, "path": path, "reason": decision.reason,
-            "prompt_tokens": info.prompt_tokens, "decoder_cached_tokens": hit})
+            "prompt_tokens": info.prompt_tokens, "decoder_cached_tokens": hit,
+            "decoder_store_tokens": stored})
         for role in ("prefill", "decode"):
             queues = [queue_depth(m.candidate) for m in self.pool.available(role)]
             if queues:
@@ -213,9 +218,14 @@ class Gateway(AdminMixin):
         # vLLM always computes the last prompt token, so a hit never covers all of it.
         info.block_hashes = external_block_hashes(tokens[:-1], self.block_size)
         for m in self.pool.members.values():
-            hit = self.index.match(m.info.engine_id, info.block_hashes)
+            eid = m.info.engine_id
+            hit = self.index.match(eid, info.block_hashes)
             if hit:
-                info.cached_tokens[m.info.engine_id] = hit * self.block_size
+                info.cached_tokens[eid] = hit * self.block_size
+            host = urlsplit(m.info.url).hostname or ""
+            with_store = self.index.match(eid, info.block_hashes, also=loadable_by(eid, host))
+            if with_store > hit:
+                info.store_tokens[eid] = (with_store - hit) * self.block_size
 
     async def _prefill(self, path: str, body: dict, info: RequestInfo) -> dict | None:
         """Run the prefill hop; None means the decoder prefills locally."""

@@ -29,8 +29,9 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens routed to each "
                                      "decode instance.", ["instance"], registry=r)
         self.hit_tokens = Counter("disagg_prefix_hit_tokens", "Prompt tokens the chosen decode "
-                                  "instance already held (prefix index).", ["instance"],
-                                  registry=r)
+                                  "instance held (prefix index): in its own cache (tier "
+                                  "engine) or, beyond that, in store tiers it loads from "
+                                  "(tier store).", ["instance", "tier"], registry=r)
         self.imbalance = Gauge("disagg_load_imbalance", "Requests queued on the busiest "
                                "instance minus on the idlest, per role.", ["role"], registry=r)
         self.instance_up = Gauge("disagg_instance_up", "1 while an instance is healthy.",

@@ -179,6 +179,20 @@ def prepare_model(name: str, cache_dir: Path | None = None, force: bool = False)
     return final
 
 
+def kv_bytes_per_token(model_dir: str | Path, dtype: str) -> int:
+    """Bytes of K and V one token occupies over all layers (full attention), from the
+    model's ``config.json``; ``dtype`` as in the topology (``auto``: the model's own)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    heads = text["num_attention_heads"]
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    if dtype == "auto":
+        dtype = str(text.get("torch_dtype") or cfg.get("torch_dtype") or "bfloat16")
+    itemsize = 4 if dtype == "float32" else 2
+    return 2 * text["num_hidden_layers"] * kv_heads * head_dim * itemsize
+
+
 def resolve_model(spec: str) -> Path:
     """Turn a model argument into a local folder vLLM can load.
 

@@ -105,6 +105,25 @@ class Deployment:
         self._actors[key] = RemoteInstance.options(**opts).remote(spec.model_dump_json())
         return key
 
+    def _store_capacity(self, holder: str) -> int | None:
+        """Blocks a KV store tier named ``holder`` (``disagg.transfer.store.holders``) can
+        hold: its byte cap over a block's KV bytes. None for anything else, or when the
+        model's geometry or the block size is not known."""
+        from disagg.models import kv_bytes_per_token
+        from disagg.transfer.store.holders import capacity_blocks, is_store
+
+        store = self.topology.store.settings()
+        block_size = self._gateway.block_size if self._gateway else None
+        if not is_store(holder) or store is None or not block_size:
+            return None
+        try:
+            per_token = kv_bytes_per_token(self.model_path, self.topology.engine.dtype)
+        except (OSError, KeyError, ValueError) as exc:
+            logger.warning("store capacity of %s unknown (%s); not bounded", holder, exc)
+            return None
+        return capacity_blocks(holder, store["cpu_bytes"], store["disk_bytes"],
+                               store["redis_bytes"], per_token * block_size)
+
     def _start_gateway(self, port: int | None) -> None:
         from disagg.gateway import Gateway
         from disagg.metrics import GatewayMetrics
@@ -126,7 +145,8 @@ class Deployment:
             t.api.request_timeout_s,
             decider=PrefillDecider(sched.min_remote_prefill_tokens, sched.max_prefill_queue),
             hasher=RequestHasher(self.model_path),
-            index=PrefixIndex(sched.index_max_blocks) if sched.kv_events else None,
+            index=PrefixIndex(sched.index_max_blocks, capacity_of=self._store_capacity)
+            if sched.kv_events else None,
             block_size=t.engine.block_size, scaler=self.scale,
         )
         self._port = port if port is not None else (t.api.port or free_port(t.api.host))

@@ -35,12 +35,17 @@ class RequestInfo:
     prompt_tokens: int | None = None
     block_hashes: list[int] = field(default_factory=list)  # vLLM's external block hashes
     cached_tokens: dict[str, int] = field(default_factory=dict)  # engine_id -> prefix held
+    # engine_id -> prompt tokens beyond its prefix hit that KV store tiers it can load from
+    # hold (loaded, not computed: cheap but not free)
+    store_tokens: dict[str, int] = field(default_factory=dict)
 
     def uncached_tokens(self, engine_id: str) -> int | None:
-        """Prompt tokens ``engine_id`` would have to compute (None: prompt unknown)."""
+        """Prompt tokens ``engine_id`` would have to compute: neither in its own cache nor
+        loadable from the store (None: prompt unknown)."""
         if self.prompt_tokens is None:
             return None
-        return self.prompt_tokens - self.cached_tokens.get(engine_id, 0)
+        return (self.prompt_tokens - self.cached_tokens.get(engine_id, 0)
+                - self.store_tokens.get(engine_id, 0))
 
 
 class Policy(ABC):

@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from disagg.scheduler.kv_index import PrefixIndex
+from disagg.transfer.store.holders import is_store, saved_medium
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +65,28 @@ def _as_int(h: int | bytes) -> int:
 
 
 def apply_batch(index: PrefixIndex, key: str, batch: KVEventBatch) -> int | None:
-    """Apply one batch; returns the block size a BlockStored reported, if any."""
+    """Apply one batch; returns the block size a BlockStored reported, if any.
+
+    Events whose medium names a KV store tier (``disagg.transfer.store.holders``: the
+    connector reports its saves so) go to that tier's holder, not to the instance: a shared
+    tier's blocks can be loaded by other instances too."""
     block_size = None
     for ev in batch.events:
+        holder = ev.medium if getattr(ev, "medium", None) and is_store(ev.medium) else key
         if isinstance(ev, BlockStored):
-            index.stored(key, map(_as_int, ev.block_hashes), ev.medium or "GPU")
+            index.stored(holder, map(_as_int, ev.block_hashes), ev.medium or "GPU")
             block_size = ev.block_size or block_size
         elif isinstance(ev, BlockRemoved):
-            index.removed(key, map(_as_int, ev.block_hashes))
+            index.removed(holder, map(_as_int, ev.block_hashes))
         else:
-            index.drop(key)
+            index.drop(key)  # vLLM's own cache was cleared; the store keeps its chunks
     return block_size
+
+
+def drop_instance(index: PrefixIndex, key: str) -> None:
+    """Forget what ``key`` holds: its vLLM cache and its own CPU store tier."""
+    index.drop(key)
+    index.drop(saved_medium(key, "", disk=False, redis=False))
 
 
 class KVEventSubscriber:
@@ -97,7 +109,7 @@ class KVEventSubscriber:
         task = self._tasks.pop(key, None)
         if task is not None:
             task.cancel()
-        self.index.drop(key)
+        drop_instance(self.index, key)
 
     async def close(self) -> None:
         for key in list(self._tasks):
@@ -116,7 +128,7 @@ class KVEventSubscriber:
                 if seq <= last:
                     logger.info("kv events %s: sequence restarted (%d after %d), dropping its "
                                 "entries", key, seq, last)
-                    self.index.drop(key)
+                    drop_instance(self.index, key)
                     last = -1
                 if seq > last + 1:
                     self.gaps += 1
@@ -128,7 +140,7 @@ class KVEventSubscriber:
             pass
         except Exception:
             logger.exception("kv events %s: subscriber failed; dropping its entries", key)
-            self.index.drop(key)
+            drop_instance(self.index, key)
         finally:
             sub.close()
 
@@ -139,7 +151,7 @@ class KVEventSubscriber:
         if [s for s, _ in have] != list(range(start, upto)):
             logger.warning("kv events %s: gap %d..%d not replayable; dropping its entries",
                            key, start, upto - 1)
-            self.index.drop(key)
+            drop_instance(self.index, key)
             return upto - 1
         for _, payload in have:
             self._apply(key, payload)
@@ -170,7 +182,7 @@ class KVEventSubscriber:
         except msgspec.DecodeError as exc:
             logger.warning("kv events %s: undecodable batch (%s); dropping its entries",
                            key, exc)
-            self.index.drop(key)
+            drop_instance(self.index, key)
             return
         size = apply_batch(self.index, key, batch)
         if size and self._on_block_size:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -42,7 +42,10 @@ class IndexStats:
 
 class PrefixIndex:
     def __init__(self, max_entries: int = 1_000_000, expect_ttl_s: float = 30.0,
-                 max_expected: int = 100_000):
+                 max_expected: int = 100_000,
+                 capacity_of: Callable[[str], int | None] | None = None):
+        """``capacity_of(holder)``: the most hashes a holder keeps (None: unbounded), asked
+        once per holder when it first stores; store tiers send no eviction events."""
         if max_entries < 1 or max_expected < 0 or expect_ttl_s < 0:
             raise ValueError("max_entries must be positive; max_expected, expect_ttl_s >= 0")
         self.max_entries = max_entries
@@ -51,14 +54,24 @@ class PrefixIndex:
         # instance -> hash -> expiry (monotonic), oldest first
         self._expected: dict[str, OrderedDict[int, float]] = {}
         self._where: OrderedDict[int, dict[str, str]] = OrderedDict()  # hash -> inst -> tier
-        self._held: dict[str, set[int]] = {}
+        self._held: dict[str, dict[int, None]] = {}  # holder -> hashes, oldest stored first
+        self._caps: dict[str, int] = {}  # holder -> most hashes it keeps; 0: unbounded
+        self._capacity_of = capacity_of
         self._entries = 0
         self._evicted = 0
         self._dropped = 0
 
     # ---- updates (from events) ----------------------------------------------------------
+    def set_capacity(self, holder: str, max_hashes: int) -> None:
+        """Bound one holder (a KV store tier, whose evictions send no events) to its most
+        recently stored ``max_hashes``: the tier's byte cap over the bytes of a block."""
+        self._caps[holder] = max(1, max_hashes)
+
     def stored(self, instance: str, hashes: Iterable[int], tier: str = "GPU") -> None:
-        held = self._held.setdefault(instance, set())
+        held = self._held.setdefault(instance, {})
+        if instance not in self._caps and self._capacity_of is not None:
+            self._caps[instance] = self._capacity_of(instance) or 0
+        cap = self._caps.get(instance) or None
         for h in hashes:
             where = self._where.get(h)
             if where is None:
@@ -66,9 +79,14 @@ class PrefixIndex:
             else:
                 self._where.move_to_end(h)
             if instance not in where:
-                held.add(h)
                 self._entries += 1
+            held.pop(h, None)
+            held[h] = None  # newest last
             where[instance] = tier
+            if cap is not None and len(held) > cap:
+                oldest = next(iter(held))
+                del held[oldest]
+                self._forget(oldest, instance)
         while self._entries > self.max_entries:
             self._evict_oldest()
 
@@ -78,7 +96,7 @@ class PrefixIndex:
             return
         for h in hashes:
             if h in held:
-                held.discard(h)
+                del held[h]
                 self._forget(h, instance)
 
     def expect(self, instance: str, hashes: Iterable[int], now: float | None = None) -> None:
@@ -99,24 +117,28 @@ class PrefixIndex:
     def drop(self, instance: str) -> None:
         """Forget everything ``instance`` holds (restart, cleared cache, event gap)."""
         self._expected.pop(instance, None)
-        held = self._held.pop(instance, set())
+        held = self._held.pop(instance, {})
         for h in held:
             self._forget(h, instance)
         if held:
             self._dropped += 1
 
     # ---- queries ------------------------------------------------------------------------
-    def match(self, instance: str, hashes: Sequence[int], now: float | None = None) -> int:
+    def match(self, instance: str, hashes: Sequence[int], now: float | None = None,
+              also: Sequence[str] = ()) -> int:
         """Number of leading ``hashes`` that ``instance`` holds or is expected to hold (its
-        prefix-cache hit)."""
-        held = self._held.get(instance, ())
+        prefix-cache hit), or, block by block, one of the holders in ``also`` holds (store
+        tiers ``instance`` can load from)."""
+        held = self._held.get(instance, {})
         pending = self._expected.get(instance)
-        if not held and not pending:
+        others = [self._held[a] for a in also if self._held.get(a)]
+        if not held and not pending and not others:
             return 0
         now = time.monotonic() if now is None else now
         n = 0
         for h in hashes:
-            if h not in held and (not pending or pending.get(h, 0.0) <= now):
+            if (h not in held and (not pending or pending.get(h, 0.0) <= now)
+                    and not any(h in o for o in others)):
                 break
             n += 1
         return n
@@ -142,6 +164,7 @@ class PrefixIndex:
         assert total == self._entries == sum(len(w) for w in self._where.values())
         assert all(self._where.values()), "empty holder set left behind"
         assert self._entries <= self.max_entries
+        assert all(len(self._held.get(k, ())) <= c for k, c in self._caps.items() if c)
         assert all(len(p) <= self.max_expected for p in self._expected.values())
 
     # ---- internals ----------------------------------------------------------------------
@@ -155,6 +178,6 @@ class PrefixIndex:
     def _evict_oldest(self) -> None:
         h, where = self._where.popitem(last=False)
         for inst in where:
-            self._held[inst].discard(h)
+            self._held[inst].pop(h, None)
         self._entries -= len(where)
         self._evicted += len(where)

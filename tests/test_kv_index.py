@@ -202,3 +202,18 @@ def test_unreplayable_gap_drops_the_instance(ports):
 def test_external_is_low_64_bits():
     digest = bytes(range(32))
     assert external(digest) == int.from_bytes(digest[-8:], "big")
+
+
+def test_store_holders_are_bounded_by_their_capacity_and_extend_a_prefix():
+    idx = PrefixIndex(capacity_of=lambda h: 4 if h.startswith("store:") else None)
+    idx.stored("store:redis", [1, 2, 3, 4, 5, 6], "store:redis")  # cap 4: 1 and 2 go
+    assert idx.stats().per_instance["store:redis"] == 4
+    idx.stored("e0", [1, 2])  # vLLM cache: unbounded (by max_entries only)
+    assert idx.match("e0", [1, 2, 3, 4, 9]) == 2
+    assert idx.match("e0", [1, 2, 3, 4, 9], also=["store:redis"]) == 4  # block by block
+    assert idx.match("e1", [1, 2, 3], also=["store:redis"]) == 0  # 1 was evicted
+    idx.stored("store:redis", [3])  # stored again: newest, so 4 is the oldest now
+    idx.stored("store:redis", [7])
+    assert idx.match("e1", [3], also=["store:redis"]) == 1
+    assert idx.match("e1", [4], also=["store:redis"]) == 0
+    idx.check_integrity()

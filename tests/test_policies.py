@@ -77,3 +77,16 @@ def test_session_affinity_is_sticky_and_moves_only_a_lost_instances_sessions():
     # No header: least-loaded.
     cands[0].inflight = cands[1].inflight = cands[3].inflight = 5
     assert sess.choose(cands, RequestInfo("x")).engine_id == "e2"
+
+
+def test_kv_aware_credits_store_hits_as_cheap_but_not_free():
+    from disagg.scheduler.kv_aware import KVAware
+
+    c = [Candidate("e0", "u0"), Candidate("e1", "u1")]
+    info = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e1": 1000},
+                       store_tokens={"e0": 1800})
+    assert info.uncached_tokens("e0") == 200  # loadable from the store: not computed
+    assert KVAware().choose(c, info).engine_id == "e0"  # 200 + 0.05 * 1800 < 1000
+    both = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e1": 1800},
+                       store_tokens={"e0": 1800})
+    assert KVAware().choose(c, both).engine_id == "e1"  # its own cache beats loading

@@ -127,3 +127,52 @@ def test_lookup_without_a_server_times_out_to_zero():
     assert client.lookup(PROMPT) == 0 and client.lookup(PROMPT) == 0
     assert time.monotonic() - t0 < 2 and client.timeouts == 2
     client.close()
+
+
+@pytest.mark.parametrize(("store", "medium", "other_sees"), [
+    ({}, "store:cpu@e1", False),
+    ({"disk_path": "/unused"}, "store:disk@10.0.0.5", True),
+    ({"redis_url": "redis://unused:1"}, "store:redis", True),
+])
+def test_saves_reach_the_gateway_index_as_store_events(store, medium, other_sees):
+    """The scheduler side reports a save as vLLM KV events naming the widest tier; through
+    vLLM's wire format they land in the gateway's index, crediting every instance that can
+    load from that tier (another instance on the host for disk, any for Redis)."""
+    import msgspec
+    from vllm.distributed.kv_events import KVEventBatch
+    from vllm.v1.request import RequestStatus
+
+    from disagg.scheduler.hashing import external
+    from disagg.scheduler.kv_events import _decoder, apply_batch, drop_instance
+    from disagg.scheduler.kv_index import PrefixIndex
+    from disagg.transfer.scheduler_side import DisaggScheduler
+    from disagg.transfer.store.holders import loadable_by
+
+    settings = ConnectorSettings(side_channel_host="10.0.0.5",
+                                 store=StoreSettings(chunk_tokens=CHUNK, **store))
+    sched = DisaggScheduler(settings, "e1", BLOCK)
+    digests = [bytes([i]) * 32 for i in range(len(PROMPT) // BLOCK)]
+    req = type("Req", (), dict(
+        request_id="r", status=RequestStatus.FINISHED_STOPPED, prompt_token_ids=list(PROMPT),
+        num_prompt_tokens=len(PROMPT), num_computed_tokens=len(PROMPT) + 3,
+        block_hashes=digests, kv_transfer_params=None))()
+    hold, _ = sched.request_finished(req, list(range(len(digests) + 1)))
+    assert hold  # blocks held until the worker copied them
+    (event,) = sched.take_events()
+    assert sched.take_events() == []
+    assert event.medium == medium and len(event.block_hashes) == 10  # 5 chunks of 2 blocks
+
+    wire = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=[event]))
+    index = PrefixIndex(capacity_of=lambda holder: 100)
+    apply_batch(index, "e1", _decoder.decode(wire))
+    hashes = [external(d) for d in digests]
+    assert index.match("e1", hashes) == 0  # not in vLLM's own cache...
+    assert index.match("e1", hashes, also=loadable_by("e1", "10.0.0.5")) == 10  # ...stored
+    assert index.match("e2", hashes, also=loadable_by("e2", "10.0.0.5")) == (
+        10 if other_sees else 0)
+    assert index.match("e3", hashes, also=loadable_by("e3", "10.0.0.9")) == (
+        10 if medium == "store:redis" else 0)
+    drop_instance(index, "e1")  # a restart loses e1's own CPU tier, not the shared ones
+    assert index.match("e2", hashes, also=loadable_by("e2", "10.0.0.5")) == (
+        10 if other_sees else 0)
+    assert index.stats().per_instance.get("store:cpu@e1", 0) == 0

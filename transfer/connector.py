@@ -74,6 +74,11 @@ class DisaggConnector(KVConnectorBase_V1):
                          ) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
 
+    def take_events(self):
+        """Our store saves as vLLM KV events (published with vLLM's own, see
+        ``disagg.transfer.store.holders``)."""
+        return self.scheduler.take_events() if self.scheduler is not None else ()
+
     # ---- worker side ----------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank

@@ -31,6 +31,7 @@ from disagg.transfer.metadata import (
 from disagg.transfer.protocol import KVTransferParams
 from disagg.transfer.settings import ConnectorSettings
 from disagg.transfer.store import chunk_tokens_for
+from disagg.transfer.store.holders import saved_medium
 from disagg.transfer.store_lookup import LookupClient
 
 if TYPE_CHECKING:
@@ -65,6 +66,10 @@ class DisaggScheduler:
             self._lookup = LookupClient(engine_id, settings.store.lookup_timeout_s)
             self.chunk_tokens = chunk_tokens_for(block_size, settings.store.chunk_tokens)
         self._store_hits: dict[str, int] = {}  # request id -> leading chunks in the store
+        self._events: list = []  # vLLM KV events reporting our saves (``take_events``)
+        st = settings.store
+        self._medium = st and saved_medium(engine_id, settings.side_channel_host,
+                                           disk=bool(st.disk_path), redis=bool(st.redis_url))
 
     # ---- loads ------------------------------------------------------------------------------
     def _store_end(self, request: Request) -> int:
@@ -174,4 +179,24 @@ class DisaggScheduler:
         self._meta.store_saves.append(StoreSaveOrder(
             request.request_id, tuple(request.prompt_token_ids[:full]),
             tuple(block_ids[: full // self.block_size])))
+        self._report_saved(request, full // self.block_size)
         return True
+
+    def _report_saved(self, request: Request, num_blocks: int) -> None:
+        """Publish the saved blocks (vLLM's hashes) as stored in the store tiers, so the
+        gateway credits instances that can load them. Reported when the save is ordered: a
+        request routed in the moment before it lands loads what is there, then recomputes."""
+        from vllm.distributed.kv_events import BlockStored
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+        hashes = request.block_hashes[:num_blocks]
+        if len(hashes) < num_blocks:  # prefix caching off: vLLM computed no hashes
+            return
+        self._events.append(BlockStored(
+            block_hashes=[maybe_convert_block_hash(h) for h in hashes], parent_block_hash=None,
+            token_ids=list(request.prompt_token_ids[:num_blocks * self.block_size]),
+            block_size=self.block_size, lora_id=None, medium=self._medium, lora_name=None))
+
+    def take_events(self) -> list:
+        events, self._events = self._events, []
+        return events

@@ -42,6 +42,7 @@ def _reuse_across_instances(dep, tier: str) -> None:
     want = complete(x, "tiny", prompt, 16, stream=False)  # X computes and saves
     _wait_counter(x, "vllm:disagg_store_saved_chunks", 7)
     time.sleep(1)  # X's write-through to the shared tier runs behind its CPU tier
+    _gateway_indexes_the_store(dep, tier, 7 * CHUNK)
     before = _sources(y)
     assert complete(y, "tiny", prompt, 16, stream=False) == want
     assert _wait_counter(y, "vllm:disagg_store_loaded_tokens", 7 * CHUNK) == 7 * CHUNK
@@ -50,6 +51,20 @@ def _reuse_across_instances(dep, tier: str) -> None:
     assert after["local_compute"] - before["local_compute"] <= 50
     assert after["external_kv_transfer"] - before["external_kv_transfer"] >= 7 * CHUNK
     assert scrape(y, f"vllm:disagg_store_{tier}_load_hits") >= 7
+
+
+def _gateway_indexes_the_store(dep, tier: str, tokens: int) -> None:
+    """X's save reached the gateway's prefix index (as KV events) under the shared tier's
+    name, so every instance on the host is credited with loading those blocks."""
+    deadline = time.monotonic() + 30
+    while True:
+        status = httpx.get(dep.url + "/v1/disagg/status", timeout=10).json()
+        stored = status["index"]["store_blocks"]
+        held = sum(n for k, n in stored.items() if k.startswith(f"store:{tier}"))
+        if held * status["block_size"] >= tokens:
+            return
+        assert time.monotonic() < deadline, f"store blocks in the index: {stored}"
+        time.sleep(0.5)
 
 
 def _fallback_when_the_prefill_dies(dep) -> None:

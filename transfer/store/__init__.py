@@ -8,6 +8,7 @@
     redis.py    RedisBackend: one LRU in Redis shared by every instance; atomic Lua scripts
     redis_server.py  local_redis(): a throwaway redis-server for tests
     tiered.py   TieredStore: lookup down the tiers, promotion, background write-through
+    holders.py  the names the gateway's prefix index gives store tiers (``store:redis``...)
 
 Tiers are chosen by name through ``BACKENDS`` (config passes the name and its arguments).
 """
