@@ -140,7 +140,9 @@ class Deployment:
             pool.add(key, info)
         sched = t.scheduler
         self._gateway = Gateway(
-            pool, metrics, make_policy(sched.prefill_policy), make_policy(sched.decode_policy),
+            pool, metrics,
+            make_policy(sched.prefill_policy, **sched.policy_options(sched.prefill_policy)),
+            make_policy(sched.decode_policy, **sched.policy_options(sched.decode_policy)),
             self.served_model_name, t.engine.max_model_len, t.api.api_key,
             t.api.request_timeout_s,
             decider=PrefillDecider(sched.min_remote_prefill_tokens, sched.max_prefill_queue),

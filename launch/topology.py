@@ -190,6 +190,21 @@ class SchedulerConfig(_Strict):
         1_000_000, description="Memory bound of the prefix index, in (block, instance) "
         "entries (about 100 bytes each).",
     )
+    kv_aware_queue_tokens: Annotated[float, Field(ge=0)] = Field(
+        512.0, description="kv_aware: prompt tokens one queued request is worth; higher "
+        "spreads load sooner, lower follows cached prefixes longer.",
+    )
+    kv_aware_store_load_cost: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.05, description="kv_aware: cost of loading a token from the KV store, relative "
+        "to computing it.",
+    )
+
+    def policy_options(self, name: str) -> dict[str, float]:
+        """Constructor options for policy ``name`` from this section."""
+        if name != "kv_aware":
+            return {}
+        return {"queue_tokens": self.kv_aware_queue_tokens,
+                "store_load_cost": self.kv_aware_store_load_cost}
 
 
 class ApiConfig(_Strict):

@@ -64,7 +64,8 @@ def register(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, **options: float) -> Policy:
+    """The policy registered as ``name``, built with ``options`` (its constructor's)."""
     from disagg.scheduler import (  # noqa: F401  # registration
         kv_aware,
         least_loaded,
@@ -73,6 +74,7 @@ def make_policy(name: str) -> Policy:
     )
 
     try:
-        return _REGISTRY[name]()
+        cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; known: {sorted(_REGISTRY)}") from None
+    return cls(**options)

@@ -90,3 +90,17 @@ def test_kv_aware_credits_store_hits_as_cheap_but_not_free():
     both = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e1": 1800},
                        store_tokens={"e0": 1800})
     assert KVAware().choose(c, both).engine_id == "e1"  # its own cache beats loading
+
+
+def test_kv_aware_options_come_from_the_topology():
+    from disagg.launch.topology import parse_topology
+
+    sched = parse_topology({"scheduler": {"kv_aware_queue_tokens": 64,
+                                          "kv_aware_store_load_cost": 0.2}}).scheduler
+    kv = make_policy("kv_aware", **sched.policy_options("kv_aware"))
+    assert (kv.queue_tokens, kv.store_load_cost) == (64, 0.2)
+    assert sched.policy_options("round_robin") == {}
+    c = [Candidate("e0", "u0", inflight=1), Candidate("e1", "u1")]
+    info = RequestInfo("r", prompt_tokens=1000, cached_tokens={"e0": 900})
+    assert kv.choose(c, info).engine_id == "e0"  # 100 + 64 < 1000
+    assert make_policy("kv_aware", queue_tokens=2000).choose(c, info).engine_id == "e1"
