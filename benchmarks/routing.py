@@ -110,9 +110,10 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
                           max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=32)
     skew = DocQAParams(num_docs=6, doc_tokens=args.doc_tokens, uses_per_doc=8,
                        output_tokens=16, hot_fraction=0.75)
-    workloads = {"sharegpt": build_workload("sharegpt", tok, chat=chat),
-                 "skewed": build_workload("doc-analysis", tok, doc=skew,
-                                          num_requests=args.skew_requests)}
+    workloads = {"sharegpt": lambda: build_workload("sharegpt", tok, chat=chat),
+                 "skewed": lambda: build_workload("doc-analysis", tok, doc=skew,
+                                                  num_requests=args.skew_requests)}
+    workloads = {k: build() for k, build in workloads.items() if k in args.scenarios}
     results: dict[str, dict[str, dict]] = {name: {} for name in workloads}
     for policy in POLICIES:
         with launch(topology(args.model, policy)) as dep:
@@ -150,12 +151,16 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=800, help="skewed: document length")
     ap.add_argument("--skew-requests", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--scenarios", type=lambda v: v.split(","), default=["sharegpt", "skewed"],
+                    help="comma-separated: sharegpt, skewed")
+    ap.add_argument("--section", default="routing", help="RESULTS.md section to write")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = ap.parse_args()
     results = run(args)
     cmd = "python benchmarks/routing.py " + " ".join(sys.argv[1:])
     table = render(results, cmd.strip())
-    body = ("## Routing: kv_aware against round_robin, 2P2D `small` (eager), 4 in flight\n\n"
+    body = ("## Routing: kv_aware against round_robin, 2P2D `small` (eager), "
+            f"{args.concurrency} in flight, sharegpt up to {args.rounds} rounds per user\n\n"
             "Both policies in the same run, each on a fresh deployment (prefill and decode "
             "chosen by the policy named; conditional disaggregation at its default "
             "threshold). Decoder prefix hit: prompt tokens the decoders found in their own "
@@ -163,8 +168,10 @@ def main() -> None:
             "when routing; prompt computed: tokens prefilled anywhere (prefill and decode "
             "instances, less local and connector hits) over prompt tokens.\n\n"
             f"{table}")
-    write_section(args.results, "routing", body)
+    write_section(args.results, args.section, body)
     print(table)
+    if "sharegpt" not in results:
+        return
     chat = results["sharegpt"]
     ratio = chat["round_robin"]["ttft_mean"] / max(1e-9, chat["kv_aware"]["ttft_mean"])
     print(f"routing: ttft_round_robin/ttft_kv_aware={ratio:.2f}")
