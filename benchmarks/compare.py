@@ -60,6 +60,7 @@ from disagg.bench.runner import (
     served_models,
     write_report,
 )
+from disagg.bench.scrape import series
 from disagg.bench.workloads import WORKLOADS, Workload
 from disagg.models import resolve_model
 
@@ -326,13 +327,18 @@ def run_point(
             request_timeout_s=args.request_timeout,
             ignore_eos=not args.no_ignore_eos,
         )
-        return run_bench(
+        report = run_bench(
             workload,
             endpoint,
             load,
             slo_from_args(args),
             config={"system": system, "command": shlex.join(sys.argv)},
-        )  # noqa: E501
+        )
+        if system == "disagg":  # which requests skipped the prefill hop, and why
+            report.config["gateway_decisions"] = {
+                f"{dict(labels)['path']} {dict(labels)['reason']}": value
+                for (_, labels), value in series(url, "disagg_decisions").items() if value}
+        return report
     finally:
         procs.close()
 

@@ -157,6 +157,12 @@ def section(
     for load in loads:
         reports = {r.system: r.reports[load] for r in ran if load in r.reports}
         out += ["", f"### {load}", "", *table(reports, baseline)]
+        for system, report in reports.items():
+            decisions = (report.config or {}).get("gateway_decisions")
+            if decisions:
+                out += ["", f"{LABELS.get(system, system)} prefill-hop decisions (gateway "
+                        "counters, warm-up requests included): "
+                        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(decisions.items()))]
     if plots:
         out.append("")
         out += [f"![{p.stem}]({os.path.relpath(p, md_dir)})" for p in plots]

@@ -62,11 +62,11 @@ def snapshot(url: str) -> dict[str, Series]:
     return snap
 
 
-def measure(dep, workload, concurrency: int) -> dict:
+def measure(dep, workload, load: LoadConfig) -> dict:
     model = dep.served_model_name
     before = snapshot(dep.url)
-    report = run_bench(workload, EndpointConfig(dep.url, model), LoadConfig(
-        concurrency=concurrency, progress=False), Slo(ttft_ms=5000, itl_ms=500))
+    report = run_bench(workload, EndpointConfig(dep.url, model), load,
+                       Slo(ttft_ms=5000, itl_ms=500))
     after = snapshot(dep.url)
 
     def delta(where: str, name: str, **labels: str) -> float:
@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
     for policy in POLICIES:
         with launch(topology(args.model, policy)) as dep:
             for name, wl in workloads.items():
-                r = measure(dep, wl, args.concurrency)
+                load = LoadConfig(qps=args.qps, progress=False) if args.qps else \
+                    LoadConfig(concurrency=args.concurrency, progress=False)
+                r = measure(dep, wl, load)
                 results[name][policy] = r
                 print(f"{policy} {name}: {r}", flush=True)
     return results
@@ -150,7 +152,9 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=3000)
     ap.add_argument("--doc-tokens", type=int, default=800, help="skewed: document length")
     ap.add_argument("--skew-requests", type=int, default=40)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=4, help="closed loop: in flight")
+    ap.add_argument("--qps", type=float, default=None,
+                    help="open loop instead: Poisson arrivals at this rate")
     ap.add_argument("--scenarios", type=lambda v: v.split(","), default=["sharegpt", "skewed"],
                     help="comma-separated: sharegpt, skewed")
     ap.add_argument("--section", default="routing", help="RESULTS.md section to write")
@@ -160,7 +164,9 @@ def main() -> None:
     cmd = "python benchmarks/routing.py " + " ".join(sys.argv[1:])
     table = render(results, cmd.strip())
     body = ("## Routing: kv_aware against round_robin, 2P2D `small` (eager), "
-            f"{args.concurrency} in flight, sharegpt up to {args.rounds} rounds per user\n\n"
+            + (f"Poisson arrivals at {args.qps:g} req/s" if args.qps
+               else f"{args.concurrency} in flight")
+            + f", sharegpt up to {args.rounds} rounds per user\n\n"
             "Both policies in the same run, each on a fresh deployment (prefill and decode "
             "chosen by the policy named; conditional disaggregation at its default "
             "threshold). Decoder prefix hit: prompt tokens the decoders found in their own "
