@@ -45,8 +45,6 @@ class InstanceSpec(BaseModel):
     store: StoreConfig = Field(default_factory=StoreConfig)
     tensor_parallel_size: int = 1
     cpu_cores: list[int] = Field(default_factory=list, description="Cores to pin, CPU only.")
-    pin_engine: bool = Field(True, description="Pin the whole engine tree to cpu_cores, not "
-                             "only its OpenMP threads.")
     side_channel_port: int = Field(0, ge=0, description="0 picks a free port.")
     kv_events: bool = Field(True, description="Publish vLLM's KV-cache events (ZMQ).")
     log_dir: str
@@ -192,8 +190,7 @@ class VLLMProcess:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(self.spec.engine.kv_cache_gib)
         if self.spec.cpu_cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.spec.cpu_cores))
-            if self.spec.pin_engine:
-                env["DISAGG_CPU_AFFINITY"] = env["VLLM_CPU_OMP_THREADS_BIND"]
+            env["DISAGG_CPU_AFFINITY"] = env["VLLM_CPU_OMP_THREADS_BIND"]
         # The engine runs in this process tree; keep Ray from adopting its children.
         env.pop("RAY_ADDRESS", None)
         return env

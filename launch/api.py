@@ -95,7 +95,6 @@ class Deployment:
             tensor_parallel_size=pool.tensor_parallel_size,
             cpu_cores=assign_cores(sized, os.cpu_count() or 1)[key]
             if pool.resources.num_gpus == 0 else [],
-            pin_engine=pool.resources.cpu_affinity == "engine",
             log_dir=str(self.log_dir), side_channel_port=port, kv_events=t.scheduler.kv_events,
         )
         opts = {"num_cpus": pool.resources.num_cpus, "num_gpus": pool.resources.num_gpus,

@@ -63,12 +63,6 @@ class Resources(_Strict):
         0.0, description="GPUs per replica; must equal tensor_parallel_size when > 0."
     )
     memory_gib: Annotated[float, Field(ge=0)] = Field(0.0, description="Ray memory reservation.")
-    cpu_affinity: Literal["engine", "threads"] = Field(
-        "engine",
-        description="CPU only. 'engine': the whole vLLM process tree (API server, engine "
-        "core, workers) runs on the replica's cores; 'threads': only vLLM's OpenMP compute "
-        "threads are bound to them, the rest is scheduled by the OS across the node.",
-    )
 
 
 class Pool(_Strict):

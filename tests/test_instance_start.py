@@ -109,10 +109,3 @@ def test_root_cause_skips_vllm_log_prefix_and_picks_the_first_error():
     assert root_cause(log) == "zmq.error.ZMQError: Address already in use (addr='tcp://*:47817')"
     assert root_cause("all fine\n") is None
 
-
-@pytest.mark.parametrize("pin_engine", [True, False])
-def test_cpu_affinity_modes(spec, pin_engine):
-    env = VLLMProcess(spec.model_copy(update={"cpu_cores": [1], "pin_engine": pin_engine})
-                      ).environment()
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"  # compute threads: always bound
-    assert env.get("DISAGG_CPU_AFFINITY") == ("1" if pin_engine else None)

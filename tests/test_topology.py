@@ -33,8 +33,6 @@ def test_examples_load(path):
         ({"prefill": {"tensor_parallel_size": 2, "resources": {"num_gpus": 1}}},
          ["prefill", "num_gpus"]),
         ({"scheduler": {"decode_policy": "random"}}, ["scheduler.decode_policy", "round_robin"]),
-        ({"decode": {"resources": {"cpu_affinity": "all"}}},
-         ["decode.resources.cpu_affinity", "'engine' or 'threads'"]),
     ],
 )
 def test_bad_fields_are_named(data, names):
