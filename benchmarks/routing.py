@@ -8,11 +8,12 @@ instances on this machine's cores), once per policy (prefill and decode both use
   skewed    document questions where most requests ask about one hot document: KV-aware
             routing must not pile them all onto one instance
 
-Reported per policy: mean/p50/p99 TTFT, the prefix hit rate the gateway saw on the chosen
-decoders (``disagg_prefix_hit_tokens / disagg_prompt_tokens``), the prefill-hop decisions,
-and the busiest/least busy decoder's share of requests.
+Reported per policy: mean/p50/p99 TTFT, the decoders' prefix hit rate as vLLM counted it
+next to what the gateway's index predicted when routing, the share of prompt tokens
+computed anywhere, the prefill-hop decisions, and the busiest/least busy decoder's share.
 
-    .venv/bin/python benchmarks/routing.py [--users 8] [--skew-requests 48]
+    .venv/bin/python benchmarks/routing.py [--users 9] [--rounds 8] [--qps 0.12 | --concurrency 4]
+        [--scenarios sharegpt,skewed] [--section routing]
 
 Writes its table into benchmarks/RESULTS.md and prints, last,
 ``routing: ttft_round_robin/ttft_kv_aware=<ratio>`` (the sharegpt scenario).
