@@ -58,13 +58,9 @@ def ttft_and_tokens(url: str, model: str, prompt: list[int]) -> tuple[float, lis
     return first - t0, ids
 
 
-def counter(url: str, name: str) -> float:
-    return total(url, name)
-
-
 def wait_counter(url: str, name: str, at_least: float, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while counter(url, name) < at_least:
+    while total(url, name) < at_least:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} below {at_least} on {url}")
         time.sleep(0.5)
@@ -85,15 +81,15 @@ def run_tier(tier: str, store: dict, args: argparse.Namespace) -> list[dict]:
         ttft_and_tokens(y, model, [6] * 300)
         for i in range(args.prompts):
             prompt = [rng.randrange(10, 16000) for _ in range(args.tokens)]
-            saved = counter(x, "vllm:disagg_store_saved_chunks")
+            saved = total(x, "vllm:disagg_store_saved_chunks")
             t_cold, want = ttft_and_tokens(x, model, prompt)
             wait_counter(x, "vllm:disagg_store_saved_chunks", saved + args.tokens // 256)
             time.sleep(2)  # the write-through to the shared tier runs behind the CPU tier
-            loaded = counter(y, "vllm:disagg_store_loaded_tokens")
+            loaded = total(y, "vllm:disagg_store_loaded_tokens")
             t_store, got = ttft_and_tokens(y, model, prompt)
             wait_counter(y, "vllm:disagg_store_loaded_tokens", loaded + 1)
             time.sleep(1)  # counters arrive on vLLM's stats tick
-            loaded = counter(y, "vllm:disagg_store_loaded_tokens") - loaded
+            loaded = total(y, "vllm:disagg_store_loaded_tokens") - loaded
             t_hit, again = ttft_and_tokens(y, model, prompt)
             rows.append({"tier": tier, "prompt": i, "recompute_s": t_cold, "store_s": t_store,
                          "local_hit_s": t_hit, "identical": got == want == again,

@@ -123,6 +123,7 @@ class VLLMProcess:
         Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
         self.log_path = str(Path(spec.log_dir) / f"{self.engine_id}.log")
         self._proc: subprocess.Popen | None = None
+        self._log_offset = 0  # where the current child's part of the log starts
         self._http = httpx.Client(timeout=2)  # reused: a client per poll costs real CPU
 
     def _pick_ports(self) -> None:

@@ -2,8 +2,8 @@
 
 The rule (llm-d's and Dynamo's, combined): prefill remotely iff the part of the prompt the
 chosen decoder does not already hold (in its own cache, or in a KV store tier it can load
-from) is at least ``min_uncached_tokens`` AND some prefill
-instance has a queue shorter than ``max_prefill_queue``. Otherwise the decoder prefills
+from) is at least ``min_uncached_tokens`` AND some prefill instance has a queue shorter
+than ``max_prefill_queue``. Otherwise the decoder prefills
 locally: a short or mostly cached prompt costs less to compute in place than a hop, two
 HTTP round trips and a KV pull, and a saturated prefill pool would only add queueing.
 

@@ -7,12 +7,12 @@
 prefix index, from vLLM's KV events) and minus what the KV store tiers ``c`` can load from
 hold beyond it (``store_tokens``, from the connector's save events); a stored token costs
 ``store_load_cost`` of a computed one (measured: an 8K-token prompt loads from disk or
-Redis in 0.6-1.4 s against 80 s to compute, under 0.02; 0.05 leaves margin). ``queue(c)`` is the requests ahead of a new one (the
-gateway's own in-flight count, or the instance's running + waiting when larger). The queue
-term is what stops a popular prefix from piling every request onto one instance: once its
-queue costs more than recomputing the prefix elsewhere, the next instance takes it (and then
-holds that prefix too). Ties rotate. Without token information (the gateway could not
-tokenize) it degrades to least-queue.
+Redis in 0.6-1.4 s against 80 s to compute, under 0.02; 0.05 leaves margin). ``queue(c)``
+is the requests ahead of a new one (the gateway's own in-flight count, or the instance's
+running + waiting when larger). The queue term is what stops a popular prefix from piling
+every request onto one instance: once its queue costs more than recomputing the prefix
+elsewhere, the next instance takes it (and then holds that prefix too). Ties rotate.
+Without token information (the gateway could not tokenize) it degrades to least-queue.
 """
 
 from __future__ import annotations

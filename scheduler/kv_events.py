@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from disagg.scheduler.kv_index import PrefixIndex
-from disagg.transfer.store.holders import is_store, saved_medium
+from disagg.transfer.store.holders import is_store, own_tier
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def apply_batch(index: PrefixIndex, key: str, batch: KVEventBatch) -> int | None
 def drop_instance(index: PrefixIndex, key: str) -> None:
     """Forget what ``key`` holds: its vLLM cache and its own CPU store tier."""
     index.drop(key)
-    index.drop(saved_medium(key, "", disk=False, redis=False))
+    index.drop(own_tier(key))
 
 
 class KVEventSubscriber:

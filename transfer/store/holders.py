@@ -18,18 +18,23 @@ from __future__ import annotations
 PREFIX = "store:"
 
 
+def own_tier(engine_id: str) -> str:
+    """The name of ``engine_id``'s own CPU tier (gone when the instance restarts)."""
+    return f"{PREFIX}cpu@{engine_id}"
+
+
 def saved_medium(engine_id: str, host: str, disk: bool, redis: bool) -> str:
     """Where a chunk saved by ``engine_id`` (on ``host``) can be loaded from, widest first."""
     if redis:
         return f"{PREFIX}redis"
     if disk:
         return f"{PREFIX}disk@{host}"
-    return f"{PREFIX}cpu@{engine_id}"
+    return own_tier(engine_id)
 
 
 def loadable_by(engine_id: str, host: str) -> tuple[str, ...]:
     """Every store name ``engine_id`` (on ``host``) can load from."""
-    return (f"{PREFIX}redis", f"{PREFIX}disk@{host}", f"{PREFIX}cpu@{engine_id}")
+    return (f"{PREFIX}redis", f"{PREFIX}disk@{host}", own_tier(engine_id))
 
 
 def is_store(name: str) -> bool:
