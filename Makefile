@@ -1,5 +1,5 @@
 # The two commands a new machine needs; each first runs the (idempotent) set-up.
-.PHONY: setup serve test lint bench-transfer
+.PHONY: setup serve test lint typecheck
 
 setup:
 	@bash scripts/setup.sh
@@ -12,3 +12,6 @@ test: setup
 
 lint: setup
 	.venv/bin/ruff check .
+
+typecheck: setup
+	bash scripts/typecheck.sh

@@ -20,7 +20,7 @@ table into ``--results-md`` between ``<!-- compare:WORKLOAD -->`` markers.
 
 Example (the doc-analysis shape the serving issue uses)::
 
-    .venv/bin/python benchmarks/compare.py --workload doc-analysis --model small \\
+    .venv/bin/python -m benchmarks.compare --workload doc-analysis --model small \\
         --doc-tokens 1500 --num-docs 16 --uses-per-doc 4 --concurrency 4
 """
 
@@ -39,10 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import plots
 import psutil
-import results_md
 
+from benchmarks import plots, results_md
 from disagg.bench.cli import (
     add_load_arguments,
     add_workload_arguments,
@@ -60,9 +59,9 @@ from disagg.bench.runner import (
     served_models,
     write_report,
 )
-from disagg.bench.scrape import series
 from disagg.bench.workloads import WORKLOADS, Workload
 from disagg.models import resolve_model
+from disagg.scrape import series
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("vllm", "nixl", "disagg")
@@ -225,7 +224,8 @@ def start_nixl(s: Setup, procs: Procs) -> str:
         wait_healthy(url, procs, s.startup_timeout_s)
     proxy = [
         s.python,
-        str(ROOT / "benchmarks" / "proxy.py"),
+        "-m",
+        "benchmarks.proxy",
         "--port",
         str(s.port),
         "--prefill",
@@ -387,10 +387,10 @@ def write_results(
         f"AMX plugin checked; 1-min load average at start {args.load_at_start:.1f} (other "
         f"processes on the machine skew timings)"
     )
-    command = "python benchmarks/compare.py " + shlex.join(sys.argv[1:])
+    command = "python -m benchmarks.compare " + shlex.join(sys.argv[1:])
     md = Path(args.results_md)
     body = results_md.section(runs, workload.info, labels, setup, command, paths, md.parent)
-    results_md.update_results_md(md, name, body)
+    results_md.update_results_md(md, f"compare:{name}", body)
 
 
 def _raise_interrupt(signum, frame) -> None:

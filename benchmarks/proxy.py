@@ -12,7 +12,7 @@ A prefill error is returned to the client as is; a prefill answer without
 ``kv_transfer_params`` (a misconfigured connector) is a 502, never a silent fallback to
 decode-only serving. ``GET /health`` is 200 only when both instances are healthy.
 
-Usage: ``python benchmarks/proxy.py --port 8000 --prefill http://127.0.0.1:8100
+Usage: ``python -m benchmarks.proxy --port 8000 --prefill http://127.0.0.1:8100
 --decode http://127.0.0.1:8200``
 """
 

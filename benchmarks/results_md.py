@@ -1,8 +1,8 @@
-"""The comparison's Markdown section for ``benchmarks/RESULTS.md`` and the machine description.
+"""``benchmarks/RESULTS.md``: its one writer, the comparison's section and the machine.
 
-Each workload owns one section between ``<!-- compare:NAME -->`` and ``<!-- /compare:NAME -->``;
-:func:`update_results_md` replaces only that section (appending it if new), so results of other
-workloads in the same file survive.
+Each benchmark owns named sections of the file, each between ``<!-- NAME -->`` and
+``<!-- /NAME -->`` (the comparison's are ``compare:WORKLOAD``); :func:`update_results_md`
+replaces only the one named (appending it if new), so every other section survives.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ LABELS = {
     "disagg": "disagg 1P1D",
 }
 HEADER = (
-    "# Benchmark results\n\nWritten by `benchmarks/compare.py`; rerun it to refresh a section.\n"
+    "# Benchmark results\n\nWritten by the benchmarks (`python -m benchmarks.NAME`); rerun one "
+    "to refresh its section.\n"
 )
 
 
@@ -174,13 +175,17 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def update_results_md(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the ``compare:name`` section of ``path``, keeping the rest."""
-    start, end = f"<!-- compare:{name} -->", f"<!-- /compare:{name} -->"
-    block = f"{start}\n{body}{end}\n"
+    """Replace the section ``name`` of ``path`` with ``body``, appending it if new.
+
+    A section is ``<!-- name -->``, the body, ``<!-- /name -->``, each starting a line; the
+    rest of the file is kept byte for byte. Creates the file (with :data:`HEADER`) if missing.
+    """
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = start + "\n" + body.rstrip("\n") + "\n" + end
     text = path.read_text() if path.exists() else HEADER
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text, count=1)
     else:
-        text = text.rstrip("\n") + "\n\n" + block
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)

@@ -12,7 +12,7 @@ Reported per policy: mean/p50/p99 TTFT, the decoders' prefix hit rate as vLLM co
 next to what the gateway's index predicted when routing, the share of prompt tokens
 computed anywhere, the prefill-hop decisions, and the busiest/least busy decoder's share.
 
-    .venv/bin/python benchmarks/routing.py [--users 9] [--rounds 8] [--qps 0.12 | --concurrency 4]
+    .venv/bin/python -m benchmarks.routing [--users 9] [--rounds 8] [--qps 0.12 | --concurrency 4]
         [--scenarios sharegpt,skewed] [--section routing]
 
 Writes its table into benchmarks/RESULTS.md and prints, last,
@@ -27,15 +27,15 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from disagg.bench.client import EndpointConfig  # noqa: E402
-from disagg.bench.loadgen import LoadConfig  # noqa: E402
-from disagg.bench.metrics import Slo  # noqa: E402
-from disagg.bench.runner import load_tokenizer, run_bench  # noqa: E402
-from disagg.bench.scrape import Series, series, total  # noqa: E402
-from disagg.bench.sharegpt import ShareGptParams  # noqa: E402
-from disagg.bench.workloads import DocQAParams, build_workload  # noqa: E402
-from transfer import write_section  # noqa: E402
+from benchmarks.results_md import update_results_md
+from disagg.bench.client import EndpointConfig
+from disagg.bench.loadgen import LoadConfig
+from disagg.bench.metrics import Slo
+from disagg.bench.runner import load_tokenizer, run_bench
+from disagg.bench.sharegpt import ShareGptParams
+from disagg.bench.workloads import DocQAParams, build_workload
+from disagg.models import prepare_model
+from disagg.scrape import Series, series, total
 
 POLICIES = ("round_robin", "kv_aware")
 
@@ -103,8 +103,7 @@ def measure(dep, workload, load: LoadConfig) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
-    from disagg.launch.api import launch
-    from disagg.models import prepare_model
+    from disagg.launch.api import launch  # the launcher is heavy (imports Ray): only when run
 
     tok = load_tokenizer(prepare_model(args.model))
     chat = ShareGptParams(num_users=args.users, max_rounds=args.rounds,
@@ -162,7 +161,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = ap.parse_args()
     results = run(args)
-    cmd = "python benchmarks/routing.py " + " ".join(sys.argv[1:])
+    cmd = "python -m benchmarks.routing " + " ".join(sys.argv[1:])
     table = render(results, cmd.strip())
     body = ("## Routing: kv_aware against round_robin, 2P2D `small` (eager), "
             + (f"Poisson arrivals at {args.qps:g} req/s" if args.qps
@@ -175,7 +174,7 @@ def main() -> None:
             "when routing; prompt computed: tokens prefilled anywhere (prefill and decode "
             "instances, less local and connector hits) over prompt tokens.\n\n"
             f"{table}")
-    write_section(args.results, args.section, body)
+    update_results_md(args.results, args.section, body)
     print(table)
     if "sharegpt" not in results:
         return

@@ -10,7 +10,7 @@ tier. For each prompt (default 8K tokens) and each shared tier (disk, Redis), in
 
 TTFT is measured at the first streamed token; greedy outputs must match token for token.
 
-    .venv/bin/python benchmarks/store.py [--tokens 8192] [--prompts 2] [--tiers disk,redis]
+    .venv/bin/python -m benchmarks.store [--tokens 8192] [--prompts 2] [--tiers disk,redis]
 
 Writes its table into benchmarks/RESULTS.md and prints, last,
 ``store: ttft_recompute/ttft_store=<ratio> at 8K tokens``.
@@ -30,10 +30,9 @@ from pathlib import Path
 
 import httpx
 
-from disagg.bench.scrape import total
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from transfer import write_section  # noqa: E402
+from benchmarks.results_md import update_results_md
+from disagg.scrape import total
+from tests.support.redis_server import local_redis
 
 OUTPUT_TOKENS = 16
 
@@ -67,7 +66,7 @@ def wait_counter(url: str, name: str, at_least: float, timeout: float = 120) -> 
 
 
 def run_tier(tier: str, store: dict, args: argparse.Namespace) -> list[dict]:
-    from disagg.launch.api import launch
+    from disagg.launch.api import launch  # the launcher is heavy (imports Ray): only when run
 
     topo = {"model": args.model, "engine": {"dtype": "bfloat16", "max_model_len":
                                             args.tokens + 512, "kv_cache_gib": 2},
@@ -127,21 +126,19 @@ def main() -> None:
                 path = stack.enter_context(tempfile.TemporaryDirectory(prefix="disagg-kv-"))
                 store = {"disk_path": path}
             elif tier == "redis":
-                from disagg.transfer.store.redis_server import local_redis
-
                 url = args.redis_url or stack.enter_context(local_redis())
                 store = {"redis_url": url, "redis_gib": 2.0}
             else:
                 raise SystemExit(f"unknown tier {tier!r}: disk or redis")
             rows += run_tier(tier, store, args)
-    cmd = "python benchmarks/store.py " + " ".join(sys.argv[1:])
+    cmd = "python -m benchmarks.store " + " ".join(sys.argv[1:])
     table = render(rows, cmd.strip(), args.tokens)
     body = (f"## KV store: a repeated {args.tokens}-token prompt, `{args.model}` model, bf16\n\n"
             f"Two decode-only instances, one core each; X computes the prompt cold and saves "
             f"its chunks, Y serves it from the shared tier (its CPU tier and vLLM cache "
             f"empty), then from its own prefix cache. TTFT at the first streamed token.\n\n"
             f"{table}")
-    write_section(args.results, "store", body)
+    update_results_md(args.results, "store", body)
     print(table)
     ratio = statistics.median(r["recompute_s"] for r in rows) / statistics.median(
         r["store_s"] for r in rows)

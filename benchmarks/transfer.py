@@ -1,16 +1,16 @@
 """KV transfer benchmark: our connector's pull path against a raw NIXL READ and a torch copy.
 
 Two processes, as in serving: a *holder* (the prefill worker: KV caches in vLLM's CPU layout
-for the built-in ``small`` model, a ``DisaggWorker`` with its side channel, stepping like an
+for the built-in ``small`` model, a ``ConnectorWorker`` with its side channel, stepping like an
 engine) and a *reader* (the decode worker). For each prompt length the reader moves one
 request's KV three ways, in the same run:
 
-  ours      DisaggWorker.start(RecvOrder) ... finished() reports it: the connector's code,
+  ours      ConnectorWorker.start(RecvOrder) ... finished() reports it: the connector's code,
             coalesced descriptors, notification to the holder included
   raw_nixl  one READ of the same number of bytes as a single registered region
   torch     dst.copy_(src) of the same bytes inside one process (one thread)
 
-    .venv/bin/python benchmarks/transfer.py [--tokens 1024 4096 16384] [--repeats 7]
+    .venv/bin/python -m benchmarks.transfer [--tokens 1024 4096 16384] [--repeats 7]
 
 Writes its table into benchmarks/RESULTS.md and prints, last,
 ``transfer: ours/raw_nixl=<ratio> at 4K tokens``.
@@ -20,15 +20,21 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from nixl._api import nixl_agent, nixl_agent_config
 
-from disagg.transfer.metadata import DisaggMetadata, PeerAddress, RecvOrder
-from disagg.transfer.protocol import Compat
-from disagg.transfer.settings import ConnectorSettings
+from benchmarks.results_md import update_results_md
+from disagg.config import ConnectorConfig, TransferConfig
+from disagg.transfer.connector.metadata import DisaggMetadata, PeerAddress, RecvOrder
+from disagg.transfer.connector.worker_half import ConnectorWorker
+from disagg.transfer.control.messages import Compat
 
 # The built-in `small` model's KV geometry (disagg/models.py): 12 layers, 4 KV heads of 64.
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK = 12, 4, 64, 128
@@ -56,8 +62,6 @@ def _compat(num_blocks: int) -> Compat:
 
 
 def _raw_agent(name: str, nbytes: int):
-    from nixl._api import nixl_agent, nixl_agent_config
-
     agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
     buf = torch.ones(nbytes, dtype=torch.uint8)
     agent.register_memory([(buf.data_ptr(), nbytes, 0, "")], "DRAM")
@@ -66,12 +70,12 @@ def _raw_agent(name: str, nbytes: int):
 
 def holder(conn, num_blocks: int, raw_bytes: int) -> None:
     """The prefill side: serve KV and a raw region; step like an engine until told to stop."""
-    from disagg.transfer.worker import DisaggWorker
-
     caches = _caches(num_blocks, fill=True)
-    worker = DisaggWorker(ConnectorSettings(lease_s=600), "holder", 0, _compat(num_blocks))
+    config = ConnectorConfig(transfer=TransferConfig(lease_s=600))
+    worker = ConnectorWorker(config, "holder", 0, _compat(num_blocks))
     worker.register({f"layer.{i}": t for i, t in enumerate(caches)}, num_blocks)
     agent, buf = _raw_agent("raw-holder", raw_bytes)
+    assert worker._server is not None  # register() opened the side channel
     conn.send((worker._server.port, agent.get_agent_metadata(), buf.data_ptr()))
     sends: dict[str, float] = {}
     while True:
@@ -118,10 +122,8 @@ def measure(tokens: int, repeats: int) -> dict[str, float]:
 
 
 def _run_reader(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeats):
-    from disagg.transfer.worker import DisaggWorker
-
     caches = _caches(num_blocks, fill=False)
-    reader = DisaggWorker(ConnectorSettings(), "reader", 0, _compat(num_blocks))
+    reader = ConnectorWorker(ConnectorConfig(), "reader", 0, _compat(num_blocks))
     reader.register({f"layer.{i}": t for i, t in enumerate(caches)}, num_blocks)
     peer = PeerAddress("holder", "127.0.0.1", port)
     counter = iter(range(10**9))
@@ -137,8 +139,6 @@ def _run_reader(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repe
 
     agent, buf = _raw_agent("raw-reader", nbytes)
     remote = agent.add_remote_agent(raw_meta)
-    import numpy as np
-
     local_d = agent.get_xfer_descs(np.array([(buf.data_ptr(), nbytes, 0)], np.uint64), "DRAM")
     remote_d = agent.get_xfer_descs(np.array([(raw_addr, nbytes, 0)], np.uint64), "DRAM")
 
@@ -184,19 +184,6 @@ def render(rows: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the others."""
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -204,10 +191,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = ap.parse_args()
     rows = [measure(t, args.repeats) for t in args.tokens]
-    import platform
-    import sys
-
-    cmd = "python benchmarks/transfer.py " + " ".join(sys.argv[1:])
+    cmd = "python -m benchmarks.transfer " + " ".join(sys.argv[1:])
     table = render(rows, cmd.strip())
     body = (
         f"## KV transfer: one request's KV, `small` model, bf16, vLLM CPU layout\n\n"
@@ -215,7 +199,7 @@ def main() -> None:
         f"Median of {args.repeats} after one warm-up; two processes on one host "
         f"(UCX picks shared memory / CMA).\n\n{table}"
     )
-    write_section(args.results, "transfer", body)
+    update_results_md(args.results, "transfer", body)
     print(table)
     at4k = next((r for r in rows if r["tokens"] == 4096), rows[-1])
     print(

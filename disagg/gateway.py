@@ -25,6 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,65 +34,95 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from disagg.admin import AdminMixin
+from disagg.admin import Admin, Scaler
+from disagg.config import ApiConfig, SchedulerConfig, StoreConfig
 from disagg.errors import APIError
+from disagg.instance import InstanceInfo
+from disagg.kv_feed import KVEventFeed
 from disagg.metrics import GatewayMetrics
-from disagg.pool import InstancePool, Member
-from disagg.scheduler.base import Policy, RequestInfo
+from disagg.pool import Inflight, InstancePool, Member
+from disagg.scheduler import RequestInfo, make_policy
 from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
-from disagg.scheduler.kv_events import KVEventSubscriber
 from disagg.scheduler.kv_index import PrefixIndex
-from disagg.transfer.store.holders import loadable_by
+from disagg.tiers import capacity_blocks, is_store, loadable_by
 
 logger = logging.getLogger(__name__)
 
 
-class Gateway(AdminMixin):
-    def __init__(self, pool: InstancePool, metrics: GatewayMetrics, prefill_policy: Policy,
-                 decode_policy: Policy, served_model_name: str, max_model_len: int,
-                 api_key: str | None = None, request_timeout_s: float = 600.0,
-                 decider: PrefillDecider | None = None, hasher: RequestHasher | None = None,
-                 index: PrefixIndex | None = None, block_size: int | None = None,
-                 scaler: Callable[[int | None, int | None], dict] | None = None):
-        self.pool, self.metrics = pool, metrics
-        self.prefill_policy, self.decode_policy = prefill_policy, decode_policy
-        self.model, self.max_model_len = served_model_name, max_model_len
-        self.api_key = api_key
-        self.decider = decider or PrefillDecider(min_uncached_tokens=0)
-        self.hasher, self.index = hasher, index
-        # Learned from the first KV event when the topology leaves it to vLLM's default.
-        self.block_size = block_size
-        self._events: KVEventSubscriber | None = None
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """The model as the gateway sees it."""
+
+    name: str  # what clients send as "model"
+    path: str  # local HF-format folder: the tokenizer the gateway hashes prompts with
+    max_model_len: int
+    block_size: int | None  # None: learned from the first KV event
+    kv_bytes_per_token: int | None  # bounds store tiers in the index; None: unbounded
+
+
+class Gateway:
+    """The request path. Built from the topology's typed sections; its state (pool, index,
+    feed) changes only on its own event loop: other threads go through ``call``."""
+
+    def __init__(self, pool: InstancePool, metrics: GatewayMetrics, model: ServedModel,
+                 scheduler: SchedulerConfig, api: ApiConfig, store: StoreConfig,
+                 scaler: Scaler | None = None, hasher: RequestHasher | None = None):
+        self.pool, self.metrics, self.model = pool, metrics, model
+        self.api_key = api.api_key
+        self.prefill_policy = make_policy(scheduler.prefill_policy,
+                                          scheduler.policy_options.get(scheduler.prefill_policy))
+        self.decode_policy = make_policy(scheduler.decode_policy,
+                                         scheduler.policy_options.get(scheduler.decode_policy))
+        self.decider = PrefillDecider(scheduler.min_remote_prefill_tokens,
+                                      scheduler.max_prefill_queue)
+        self.hasher = hasher if hasher is not None else RequestHasher(model.path)
+        self._store = store if store.enabled else None
+        self.index = PrefixIndex(scheduler.index_max_blocks, capacity_of=self._store_capacity) \
+            if scheduler.kv_events else None
+        self.feed = KVEventFeed(self.index, pool, model.block_size) \
+            if self.index is not None else None
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)  # routing decisions
-        self.scaler = scaler
+        self.admin = Admin(model.name, pool, self.decider, self.recent, self.index, self.feed,
+                           self._authorize, scaler)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._timeout = httpx.Timeout(request_timeout_s, connect=5.0)
-        self._client: httpx.AsyncClient | None = None
+        self._timeout = httpx.Timeout(api.request_timeout_s, connect=5.0)
+        self._http: httpx.AsyncClient | None = None  # opened with the app (lifespan)
         self.app = self._build_app()
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            raise RuntimeError("the gateway's HTTP client is opened by the app's lifespan")
+        return self._http
+
+    @property
+    def block_size(self) -> int | None:
+        return self.feed.block_size if self.feed else self.model.block_size
 
     # ---- app --------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
         @asynccontextmanager
-        async def lifespan(app: FastAPI):
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-            self._client = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+            self._http = httpx.AsyncClient(timeout=self._timeout, limits=limits)
             self.loop = asyncio.get_running_loop()
-            self._start_events()
+            if self.feed is not None:
+                self.feed.start()
             await self.pool.start()
             yield
             await self.pool.close()
-            if self._events is not None:
-                await self._events.close()
-            await self._client.aclose()
+            if self.feed is not None:
+                await self.feed.close()
+            await self._http.aclose()
 
         app = FastAPI(title="disagg", lifespan=lifespan)
         app.exception_handler(APIError)(lambda _req, exc: exc.response())
         app.get("/health")(self.health)
         app.get("/metrics")(self.prometheus)
         app.get("/v1/models")(self.models)
-        app.get("/v1/disagg/status")(self.status_endpoint)
-        app.post("/v1/disagg/scale")(self.scale_endpoint)
+        app.get("/v1/disagg/status")(self.admin.status_endpoint)
+        app.post("/v1/disagg/scale")(self.admin.scale_endpoint)
         app.post("/v1/completions")(self.completions)
         app.post("/v1/chat/completions")(self.chat_completions)
         return app
@@ -107,14 +138,50 @@ class Gateway(AdminMixin):
     async def models(self, request: Request) -> Response:
         self._authorize(request)
         return JSONResponse({"object": "list", "data": [{
-            "id": self.model, "object": "model", "created": 0, "owned_by": "disagg",
-            "root": self.model, "max_model_len": self.max_model_len}]})
+            "id": self.model.name, "object": "model", "created": 0, "owned_by": "disagg",
+            "root": self.model.name, "max_model_len": self.model.max_model_len}]})
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, "/v1/completions")
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, "/v1/chat/completions")
+
+    # ---- pool changes from other threads -----------------------------------------------------
+    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 30.0) -> Any:
+        """Run ``fn(*args)`` on the gateway's event loop from another thread; its result."""
+        if self.loop is None:
+            raise RuntimeError("the gateway is not serving yet")
+
+        async def run() -> Any:
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout_s)
+
+    def add_instance(self, key: str, info: InstanceInfo) -> None:
+        """On the loop (``call``): route to a new instance (and follow its KV events)."""
+        self.pool.add(key, info)
+
+    def set_draining(self, key: str) -> None:
+        """On the loop (``call``): no new requests for ``key``; those in flight finish."""
+        if key in self.pool.members:
+            self.pool.members[key].draining = True
+
+    def remove_instance(self, key: str) -> None:
+        """On the loop (``call``): forget ``key`` and what the index holds for it."""
+        member = self.pool.remove(key)
+        if member is not None and self.feed is not None:
+            self.feed.forget(member.info.engine_id)
+
+    def _store_capacity(self, holder: str) -> int | None:
+        """Blocks the store tier named ``holder`` (``disagg.tiers``) can hold; None for
+        anything else, or while the block size or the model's KV size is unknown."""
+        block_size = self.block_size
+        if (not is_store(holder) or self._store is None or not block_size
+                or not self.model.kv_bytes_per_token):
+            return None
+        s = self._store
+        return capacity_blocks(holder, s.cpu_bytes, s.disk_bytes, s.redis_bytes,
+                               self.model.kv_bytes_per_token * block_size)
 
     # ---- validation -------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -132,11 +199,11 @@ class Gateway(AdminMixin):
             raise APIError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
-        if body.get("model") != self.model:
+        if body.get("model") != self.model.name:
             if "model" not in body:
                 raise APIError(400, "missing required field 'model'", param="model")
             raise APIError(404, f"model {body['model']!r} does not exist; this server serves "
-                           f"{self.model!r}", param="model", code="model_not_found")
+                           f"{self.model.name!r}", param="model", code="model_not_found")
         field = "prompt" if path == "/v1/completions" else "messages"
         if field not in body:
             raise APIError(400, f"missing required field {field!r}", param=field)
@@ -197,7 +264,8 @@ class Gateway(AdminMixin):
         if self.index is not None and info.block_hashes:
             self.index.expect(member.info.engine_id, info.block_hashes)
 
-    def _pick(self, role: str, info: RequestInfo, exclude: set[str] = frozenset()) -> Member:
+    def _pick(self, role: str, info: RequestInfo,
+              exclude: frozenset[str] | set[str] = frozenset()) -> Member:
         members = [m for m in self.pool.available(role) if m.key not in exclude]
         if not members:
             raise APIError(503, f"no healthy {role} instance", code="no_instance")
@@ -240,15 +308,13 @@ class Gateway(AdminMixin):
         if "max_completion_tokens" in pbody:
             pbody["max_completion_tokens"] = 1
         t0 = time.perf_counter()
-        member.candidate.inflight += 1
         self.metrics.routed.labels("prefill", member.key).inc()
-        try:
-            resp = await self._client.post(member.info.url + path, json=pbody,
-                                           headers={"X-Request-Id": info.request_id})
-        except httpx.HTTPError as exc:
-            return self._prefill_failed(member, info, f"{type(exc).__name__}: {exc}")
-        finally:
-            member.candidate.inflight -= 1
+        with member.admit():
+            try:
+                resp = await self._client.post(member.info.url + path, json=pbody,
+                                               headers={"X-Request-Id": info.request_id})
+            except httpx.HTTPError as exc:
+                return self._prefill_failed(member, info, exc)
         self.metrics.prefill_hop.observe(time.perf_counter() - t0)
         if 400 <= resp.status_code < 500:
             raise _upstream_error(resp)
@@ -259,12 +325,14 @@ class Gateway(AdminMixin):
             return self._prefill_failed(member, info, "no kv_transfer_params in the answer")
         return params
 
-    def _prefill_failed(self, member: Member, info: RequestInfo, why: str) -> None:
+    def _prefill_failed(self, member: Member, info: RequestInfo,
+                        why: httpx.HTTPError | str) -> dict | None:
+        """Count a failed prefill hop; always None: the decoder prefills locally."""
         logger.warning("request %s: prefill on %s (%s) failed, decoding locally: %s",
-                       info.request_id, member.key, member.info.engine_id, why)
+                       info.request_id, member.key, member.info.engine_id, _describe(why))
         self.metrics.failures.labels("prefill", member.key).inc()
-        if "Connect" in why:  # refused: the instance is gone, stop routing to it now
-            self.pool.mark_down(member, why)
+        if isinstance(why, httpx.ConnectError):  # refused: the instance is gone, stop now
+            self.pool.mark_down(member, _describe(why))
         return None
 
     async def _decode(self, path: str, body: dict, kv_params: dict | None, info: RequestInfo,
@@ -277,34 +345,36 @@ class Gateway(AdminMixin):
             tried.add(member.key)
             req = self._client.build_request("POST", member.info.url + path, json=dbody,
                                              headers={"X-Request-Id": info.request_id})
-            member.candidate.inflight += 1
+            inflight = member.admit()
             try:
                 resp = await self._client.send(req, stream=True)
             except httpx.HTTPError as exc:
-                member.candidate.inflight -= 1
+                inflight.release()
                 logger.warning("request %s: decode on %s failed: %s", info.request_id,
-                               member.key, exc)
+                               member.key, _describe(exc))
                 self.metrics.failures.labels("decode", member.key).inc()
-                self.pool.mark_down(member, f"{type(exc).__name__}")
+                self.pool.mark_down(member, type(exc).__name__)
                 continue  # _pick raises 503 once every decoder was tried
             self.metrics.routed.labels("decode", member.key).inc()
-            return await self._relay(path, resp, member, body.get("stream", False), start)
+            return await self._relay(path, resp, inflight, body.get("stream", False), start)
 
-    async def _relay(self, path: str, resp: httpx.Response, member: Member, stream: bool,
+    async def _relay(self, path: str, resp: httpx.Response, inflight: Inflight, stream: bool,
                      start: float) -> Response:
+        """Answer the client from the decoder's response; ``inflight`` is released when
+        the response is done (at once, or at the end of the stream)."""
         if resp.status_code != 200 or not stream:
             try:
                 content = await resp.aread()
             finally:
                 await resp.aclose()
-                member.candidate.inflight -= 1
+                inflight.release()
             self._finish(path, resp.status_code, start, first=None)
             return Response(content, status_code=resp.status_code,
                             media_type=resp.headers.get("content-type", "application/json"))
-        return StreamingResponse(self._pipe(path, resp, member, start),
+        return StreamingResponse(self._pipe(path, resp, inflight, start),
                                  media_type="text/event-stream")
 
-    async def _pipe(self, path: str, resp: httpx.Response, member: Member,
+    async def _pipe(self, path: str, resp: httpx.Response, inflight: Inflight,
                     start: float) -> AsyncIterator[bytes]:
         first: float | None = None
         last = start
@@ -319,7 +389,7 @@ class Gateway(AdminMixin):
                 yield chunk
         finally:
             await resp.aclose()
-            member.candidate.inflight -= 1
+            inflight.release()
             self._finish(path, resp.status_code, start, first)
 
     def _finish(self, path: str, status: int, start: float, first: float | None) -> None:
@@ -328,6 +398,10 @@ class Gateway(AdminMixin):
         if status == 200:
             self.metrics.ttft.observe((first or now) - start)
             self.metrics.e2e.observe(now - start)
+
+
+def _describe(why: httpx.HTTPError | str) -> str:
+    return why if isinstance(why, str) else f"{type(why).__name__}: {why}"
 
 
 def _upstream_error(resp: httpx.Response) -> APIError:

@@ -19,12 +19,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
+import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
-from disagg.launch.topology import EngineArgs, StoreConfig, TransferConfig
+from disagg.config import ConnectorConfig, EngineArgs, StoreConfig, TransferConfig
+from disagg.scrape import Series
+from disagg.scrape import parse as parse_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ def node_ip() -> str:
     if os.environ.get("DISAGG_NODE_IP"):
         return os.environ["DISAGG_NODE_IP"]
     try:
-        import ray
+        import ray  # here, not at the top: the gateway imports this module, Ray is heavy
 
         if ray.is_initialized() and sum(n["Alive"] for n in ray.nodes()) > 1:
             return ray.util.get_node_ip_address()
@@ -138,24 +141,25 @@ class VLLMProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def kv_transfer_config(self) -> dict:
-        t = self.spec.transfer
+    def connector_config(self) -> ConnectorConfig:
+        """The typed settings this instance's connector receives (topology sections plus
+        this instance's addresses)."""
+        store = self.spec.store
+        return ConnectorConfig(
+            side_channel_host=self.host, side_channel_port=self.side_channel_port,
+            model_name=self.spec.served_model_name, transfer=self.spec.transfer,
+            store=store if store.enabled else None)
+
+    def kv_transfer_config(self) -> dict[str, Any]:
         return {
             "kv_connector": "DisaggConnector",
+            # A string, not an import: the serving plane never loads the connector (vLLM
+            # does, inside the engine process).
             "kv_connector_module_path": "disagg.transfer.connector",
             "kv_role": "kv_both",
             "engine_id": self.engine_id,
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"disagg": {
-                "side_channel_host": self.host,
-                "side_channel_port": self.side_channel_port,
-                "backends": t.backends,
-                "handshake_timeout_s": t.handshake_timeout_s,
-                "transfer_timeout_s": t.transfer_timeout_s,
-                "lease_s": t.lease_s,
-                "model_name": self.spec.served_model_name,
-                "store": self.spec.store.settings(),
-            }},
+            "kv_connector_extra_config": self.connector_config().to_extra(),
         }
 
     def command(self) -> list[str]:
@@ -276,7 +280,8 @@ class VLLMProcess:
         """Ask the supervisor to stop vLLM's process group; SIGKILL it after ``timeout_s``."""
         if self._proc is None:
             return
-        self._proc.stdin.close()
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
         try:
             self._proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -296,24 +301,23 @@ def root_cause(log: str) -> str | None:
     return None
 
 
-def parse_load(metrics_text: str) -> InstanceLoad:
-    """Running/waiting requests and KV usage from vLLM's Prometheus text."""
-    wanted = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
-              "vllm:kv_cache_usage_perc": "kv_usage"}
+_LOAD_SERIES = {"vllm:num_requests_running": "running",
+                "vllm:num_requests_waiting": "waiting", "vllm:kv_cache_usage_perc": "kv_usage"}
+
+
+def parse_load(metrics: Series | str) -> InstanceLoad:
+    """Running/waiting requests and KV usage from vLLM's metrics (Prometheus text, or
+    samples ``disagg.scrape.parse`` returned), summed over its engines' label sets."""
+    series = parse_metrics(metrics, "vllm:") if isinstance(metrics, str) else metrics
     values: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in wanted:
-            values[wanted[name]] = values.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
+    for (name, _labels), value in series.items():
+        if name in _LOAD_SERIES:
+            values[_LOAD_SERIES[name]] = values.get(_LOAD_SERIES[name], 0.0) + value
     return InstanceLoad(**values)
 
 
 def stop_local_supervisor(info: InstanceInfo, timeout_s: float = 20.0) -> None:
     """SIGTERM an instance's supervisor if it runs on this machine, and wait for it."""
-    import psutil
-
     if not info.url.startswith("http://127.0.0.1:") or info.pid <= 0:
         return
     try:

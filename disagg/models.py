@@ -35,9 +35,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # heavy imports stay out of the cached fast path
+# torch, tokenizers, safetensors and the ShareGPT parser are imported inside the functions
+# that build a model: the launcher, the gateway's tokenizer lookup and the benchmark client
+# import this module for names and paths (the cached fast path), and torch costs seconds.
+if TYPE_CHECKING:
     import torch
 
 __all__ = [
@@ -350,7 +353,7 @@ def _corpus(num_bytes: int) -> Iterator[str]:
                     return
 
 
-def _train_tokenizer(spec: TokenizerSpec):  # -> tokenizers.Tokenizer
+def _train_tokenizer(spec: TokenizerSpec) -> Any:  # a tokenizers.Tokenizer
     """Train the byte-level BPE.
 
     Deterministic: same corpus and settings give the same merges, also with the trainer's

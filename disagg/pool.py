@@ -19,6 +19,8 @@ import httpx
 from disagg.instance import InstanceInfo, parse_load
 from disagg.metrics import GatewayMetrics
 from disagg.scheduler.base import Candidate
+from disagg.scrape import Series
+from disagg.scrape import parse as parse_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,32 @@ Locate = Callable[[str], Awaitable[InstanceInfo | None]]
 # Called with (member, its previous InstanceInfo or None) when a member is added or comes
 # back as a new engine; e.g. the gateway re-subscribes to the engine's KV events.
 Listener = Callable[["Member", InstanceInfo | None], None]
+
+
+class Inflight:
+    """One request's place in a member's in-flight count (what policies read as load).
+
+    Taken when created, given back exactly once: by ``release()`` (idempotent) or on
+    leaving a ``with`` block. Holds the member, not its candidate, so a member that is
+    relocated meanwhile (restart) is still the one credited back.
+    """
+
+    __slots__ = ("_member",)
+
+    def __init__(self, member: Member):
+        self._member: Member | None = member
+        member.candidate.inflight += 1
+
+    def release(self) -> None:
+        if self._member is not None:
+            self._member.candidate.inflight -= 1
+            self._member = None
+
+    def __enter__(self) -> Inflight:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass
@@ -39,6 +67,10 @@ class Member:
 
     def __post_init__(self) -> None:
         self.candidate = Candidate(self.info.engine_id, self.info.url)
+
+    def admit(self) -> Inflight:
+        """Count one more request in flight on this member until the result is released."""
+        return Inflight(self)
 
     def relocate(self, info: InstanceInfo) -> None:
         self.info = info
@@ -104,10 +136,11 @@ class InstancePool:
         self._metrics.instance_up.labels(m.info.role, m.key).set(1 if m.healthy else 0)
 
     def _observe(self, m: Member, text: str) -> None:
-        load = parse_load(text)
+        series = parse_metrics(text, "vllm:")
+        load = parse_load(series)
         c = m.candidate
         c.running, c.waiting, c.kv_usage = load.running, load.waiting, load.kv_usage
-        counters = _disagg_counters(text)
+        counters = _disagg_counters(series)
         self._metrics.kv_bytes.labels(m.key).set(counters.get("kv_bytes_received", 0))
         self._metrics.kv_seconds.labels(m.key).set(counters.get("kv_transfer_seconds", 0))
         self._metrics.kv_failures.labels(m.key).set(counters.get("kv_transfer_failures", 0))
@@ -128,10 +161,12 @@ class InstancePool:
                 listener(m, old)
 
 
-def _disagg_counters(text: str) -> dict[str, float]:
+def _disagg_counters(series: Series) -> dict[str, float]:
+    """The connector's ``vllm:disagg_*`` counters, summed over label sets, by short name."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:disagg_") and "_total" in line:
-            name = line.split("{", 1)[0].removeprefix("vllm:disagg_").removesuffix("_total")
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for (name, _labels), value in series.items():
+        if not name.startswith("vllm:disagg_"):
+            continue
+        short = name.removeprefix("vllm:disagg_")
+        out[short] = out.get(short, 0.0) + value
     return out

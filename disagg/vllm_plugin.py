@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 def register() -> None:
     """Request AMX permission for this process; a no-op where AMX or the hook is absent."""
     try:
-        import torch
+        import torch  # here: vLLM lists entry points in processes that never load torch
 
         init_amx = getattr(torch._C._cpu, "_init_amx", None)
         if init_amx is not None:

@@ -32,7 +32,7 @@ def gather_blocks(
     mismatch; asynchronous with respect to the host on CUDA (stream order, like any kernel).
     """
     if _use_triton(kv_caches, impl):
-        from .triton_paged import gather_triton
+        from .triton_paged import gather_triton  # here: Triton is optional and slow to load
 
         return gather_triton(kv_caches, block_ids, layout, out)
     return gather_reference(kv_caches, block_ids, layout, out)
@@ -51,7 +51,7 @@ def scatter_blocks(
     repeated id.
     """
     if _use_triton(kv_caches, impl):
-        from .triton_paged import scatter_triton
+        from .triton_paged import scatter_triton  # as in gather_blocks
 
         scatter_triton(chunk, kv_caches, block_ids, layout)
     else:
@@ -70,7 +70,7 @@ def _use_triton(kv_caches: Sequence[torch.Tensor], impl: Impl) -> bool:
 def triton_available() -> bool:
     """Whether Triton imports (it ships with CUDA builds of torch; absent, use torch)."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  # here: the question is whether it imports at all
     except ImportError:
         return False
     return True

@@ -20,6 +20,7 @@ raises RuntimeError. Tile sizes are a reasonable default, not tuned on a GPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -31,9 +32,10 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 MAX_TILE = 2048
 
 
+# Kernel arguments are Triton values (pointers, scalars) with no Python annotation.
 @triton.jit
-def _gather_kernel(layer_ptrs, out_ptr, block_ids, num_sel, plane_stride, block_stride,
-                   block_elems, TILE: tl.constexpr):
+def _gather_kernel(layer_ptrs, out_ptr, block_ids, num_sel, plane_stride,  # type: ignore[no-untyped-def]
+                   block_stride, block_elems, TILE: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     num_tiles = (block_elems + TILE - 1) // TILE
@@ -48,8 +50,8 @@ def _gather_kernel(layer_ptrs, out_ptr, block_ids, num_sel, plane_stride, block_
 
 
 @triton.jit
-def _scatter_kernel(layer_ptrs, chunk_ptr, block_ids, num_sel, plane_stride, block_stride,
-                    block_elems, TILE: tl.constexpr):
+def _scatter_kernel(layer_ptrs, chunk_ptr, block_ids, num_sel, plane_stride,  # type: ignore[no-untyped-def]
+                    block_stride, block_elems, TILE: tl.constexpr):
     pid = tl.program_id(0)
     layer = tl.program_id(1).to(tl.int64)
     num_tiles = (block_elems + TILE - 1) // TILE
@@ -97,7 +99,7 @@ def scatter_triton(
     _launch(_scatter_kernel, g, kv_caches, src, ids, tile)
 
 
-def _launch(kernel, g: PagedGeometry, kv_caches: Sequence[torch.Tensor], chunk_bits:
+def _launch(kernel: Any, g: PagedGeometry, kv_caches: Sequence[torch.Tensor], chunk_bits:
             torch.Tensor, ids: torch.Tensor, tile: int | None) -> None:
     if g.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError("Triton has no CPU backend: use the torch path, or set "

@@ -2,14 +2,22 @@
 
     with launch("examples/1p1d.yaml") as d:      # or a Topology, or a dict
         print(d.url, d.status())
+        d.scale(prefill=2)                       # grow or drain pools while serving
     # on exit: gateway stopped, every vLLM process group killed, actors gone,
     # and a Ray cluster we started ourselves shut down.
+
+Pool changes:
+
+    grow:   actor -> engine healthy -> gateway pool (and KV-event subscription) -> routed
+    shrink: draining (no new requests) -> in-flight and engine queue empty -> grace for
+            decoders still pulling a prefill's KV -> actor stopped -> out of the pool
+
+They run on the caller's thread; every change of gateway state runs on the gateway's
+event loop (``Gateway.call``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import tempfile
@@ -20,22 +28,29 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import uvicorn
 
-from disagg.instance import InstanceInfo, InstanceSpec, free_port, stop_local_supervisor
-from disagg.launch.placement import assign_cores
-from disagg.launch.topology import Topology, load_topology, parse_topology
+from disagg.config import Topology
+from disagg.gateway import Gateway, ServedModel
+from disagg.instance import InstanceInfo, Role, free_port, stop_local_supervisor
+from disagg.launch.actors import InstanceActors
+from disagg.launch.server import GatewayServer
+from disagg.launch.topology import check_names, load_topology, parse_topology
+from disagg.metrics import GatewayMetrics
+from disagg.models import kv_bytes_per_token, resolve_model
+from disagg.pool import InstancePool, Member
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = float(os.environ.get("DISAGG_READY_TIMEOUT_S", "900"))
+# After a prefill instance's last request answered, decoders may still be reading its KV.
+PULL_GRACE_S = 5.0
 
 
 def _as_topology(topology: Topology | str | Path | dict[str, Any] | None) -> Topology:
     if topology is None:
-        return Topology()
+        return parse_topology({})
     if isinstance(topology, Topology):
-        return topology
+        return check_names(topology)
     if isinstance(topology, dict):
         return parse_topology(topology)
     return load_topology(topology)
@@ -48,146 +63,74 @@ class Deployment:
         self.topology = topology
         self.name = f"disagg-{uuid.uuid4().hex[:6]}"
         self.log_dir = Path(tempfile.gettempdir()) / "disagg" / self.name
+        # Resolved here, not in an actor: a bad model name fails before anything starts.
+        self.model_path = str(resolve_model(topology.model))
+        builtin = Path(self.model_path).name != Path(topology.model).name
+        self.served_model_name = topology.api.served_model_name or (
+            topology.model if builtin else Path(self.model_path).name)
+        self.instances: dict[str, InstanceInfo] = {}  # every instance started, by key
+        self._actors = InstanceActors(self.name, topology, self.served_model_name,
+                                      self.log_dir)
+        self._server: GatewayServer | None = None
         self._started_ray = started_ray
-        self._actors: dict[str, Any] = {}
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._gateway = None
-        self._port = 0
         self._closed = False
         self._scale_lock = threading.Lock()
-        self._next_index: dict[str, int] = {}
 
     # ---- start-up --------------------------------------------------------------------------
-    def _start_instances(self) -> None:
-        from disagg.models import resolve_model
-
+    def start(self, port: int | None = None) -> None:
+        """Start every instance, wait until all are healthy, then serve the gateway."""
         t = self.topology
-        self.model_path = model_path = str(resolve_model(t.model))  # fail fast, not in an actor
-        builtin = Path(model_path).name != Path(t.model).name
-        self.served_model_name = t.api.served_model_name or (
-            t.model if builtin else Path(model_path).name)
-        for role, pool in (("prefill", t.prefill), ("decode", t.decode)):
-            for i in range(pool.replicas):
-                self._spawn(role, i, pool.replicas)
-        refs = {k: a.wait_ready.remote(READY_TIMEOUT_S) for k, a in self._actors.items()}
-        self.instances: dict[str, InstanceInfo] = {k: ray.get(r) for k, r in refs.items()}
+        keys = [*self._actors.spawn("prefill", t.prefill.replicas, t.prefill.replicas),
+                *self._actors.spawn("decode", t.decode.replicas, t.decode.replicas)]
+        self.instances.update(self._actors.wait_ready(keys, READY_TIMEOUT_S))
         for key, info in self.instances.items():
             logger.info("instance %s ready: engine %s at %s", key, info.engine_id, info.url)
-
-    def _spawn(self, role: str, index: int, replicas: int) -> str:
-        """Create the actor of instance ``role-index`` (its engine starts in the actor)."""
-        from disagg.actor import RemoteInstance
-
-        t = self.topology
-        pool = t.prefill if role == "prefill" else t.decode
-        # Cores as if the pool had ``replicas`` instances (scaling re-plans the same way).
-        sized = t.model_copy(update={role: pool.model_copy(update={"replicas": replicas})})
-        key = f"{role}-{index}"
-        self._next_index[role] = max(self._next_index.get(role, 0), index + 1)
-        port = t.transfer.base_port
-        if port:  # instance k of the whole topology takes base_port + k * tp
-            offset = index if role == "prefill" else sized.prefill.replicas + index
-            port += offset * pool.tensor_parallel_size
-        spec = InstanceSpec(
-            role=role, index=index, model_path=t.model, served_model_name=self.served_model_name,
-            engine=t.engine, transfer=t.transfer, store=t.store,
-            tensor_parallel_size=pool.tensor_parallel_size,
-            cpu_cores=assign_cores(sized, os.cpu_count() or 1)[key]
-            if pool.resources.num_gpus == 0 else [],
-            log_dir=str(self.log_dir), side_channel_port=port, kv_events=t.scheduler.kv_events,
-        )
-        opts = {"num_cpus": pool.resources.num_cpus, "num_gpus": pool.resources.num_gpus,
-                "max_restarts": -1, "max_task_retries": 0, "name": f"{self.name}-{key}"}
-        if pool.resources.memory_gib:
-            opts["memory"] = int(pool.resources.memory_gib * 2**30)
-        self._actors[key] = RemoteInstance.options(**opts).remote(spec.model_dump_json())
-        return key
-
-    def _store_capacity(self, holder: str) -> int | None:
-        """Blocks a KV store tier named ``holder`` (``disagg.transfer.store.holders``) can
-        hold: its byte cap over a block's KV bytes. None for anything else, or when the
-        model's geometry or the block size is not known."""
-        from disagg.models import kv_bytes_per_token
-        from disagg.transfer.store.holders import capacity_blocks, is_store
-
-        store = self.topology.store.settings()
-        block_size = self._gateway.block_size if self._gateway else None
-        if not is_store(holder) or store is None or not block_size:
-            return None
-        try:
-            per_token = kv_bytes_per_token(self.model_path, self.topology.engine.dtype)
-        except (OSError, KeyError, ValueError) as exc:
-            logger.warning("store capacity of %s unknown (%s); not bounded", holder, exc)
-            return None
-        return capacity_blocks(holder, store["cpu_bytes"], store["disk_bytes"],
-                               store["redis_bytes"], per_token * block_size)
+        self._start_gateway(port)
 
     def _start_gateway(self, port: int | None) -> None:
-        from disagg.gateway import Gateway
-        from disagg.metrics import GatewayMetrics
-        from disagg.pool import InstancePool
-        from disagg.scheduler import make_policy
-        from disagg.scheduler.decider import PrefillDecider
-        from disagg.scheduler.hashing import RequestHasher
-        from disagg.scheduler.kv_index import PrefixIndex
-
         t = self.topology
+        try:
+            per_token: int | None = kv_bytes_per_token(self.model_path, t.engine.dtype)
+        except (OSError, KeyError, ValueError) as exc:
+            logger.warning("KV bytes per token unknown (%s); store tiers unbounded in the "
+                           "index", exc)
+            per_token = None
         metrics = GatewayMetrics()
-        pool = InstancePool(metrics, locate=self._locate)
+        pool = InstancePool(metrics, locate=self._actors.locate)
         for key, info in self.instances.items():
             pool.add(key, info)
-        sched = t.scheduler
-        self._gateway = Gateway(
-            pool, metrics,
-            make_policy(sched.prefill_policy, **sched.policy_options(sched.prefill_policy)),
-            make_policy(sched.decode_policy, **sched.policy_options(sched.decode_policy)),
-            self.served_model_name, t.engine.max_model_len, t.api.api_key,
-            t.api.request_timeout_s,
-            decider=PrefillDecider(sched.min_remote_prefill_tokens, sched.max_prefill_queue),
-            hasher=RequestHasher(self.model_path),
-            index=PrefixIndex(sched.index_max_blocks, capacity_of=self._store_capacity)
-            if sched.kv_events else None,
-            block_size=t.engine.block_size, scaler=self.scale,
-        )
-        self._port = port if port is not None else (t.api.port or free_port(t.api.host))
-        config = uvicorn.Config(self._gateway.app, host=t.api.host, port=self._port,
-                                log_level="warning", access_log=False, lifespan="on")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="disagg-gateway",
-                                        daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway failed to start on {t.api.host}:{self._port}")
-            time.sleep(0.05)
-
-    async def _locate(self, key: str) -> InstanceInfo | None:
-        actor = self._actors.get(key)
-        if actor is None:
-            return None
-        # ray.get in a worker thread: this runs on the gateway's event loop, in a thread of
-        # its own, where awaiting an ObjectRef directly is not reliable.
-        return await asyncio.to_thread(ray.get, actor.info.remote(), timeout=5)
+        model = ServedModel(self.served_model_name, self.model_path, t.engine.max_model_len,
+                            t.engine.block_size, per_token)
+        gateway = Gateway(pool, metrics, model, t.scheduler, t.api, t.store, scaler=self.scale)
+        bind_port = port if port is not None else (t.api.port or free_port(t.api.host))
+        self._server = GatewayServer(gateway, t.api.host, bind_port)
+        self._server.start()
 
     # ---- public ----------------------------------------------------------------------------
     @property
+    def gateway(self) -> Gateway:
+        if self._server is None:
+            raise RuntimeError("the deployment's gateway is not running")
+        return self._server.gateway
+
+    @property
     def url(self) -> str:
         host = self.topology.api.host
-        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{self._port}"
+        port = self._server.port if self._server else 0
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
     def status(self) -> dict[str, Any]:
         """Every instance with its role, engine, address, health and load."""
-        members = self._gateway.pool.members.values() if self._gateway else []
+        members = self._server.gateway.pool.members.values() if self._server else []
         return {"url": self.url, "model": self.served_model_name, "instances": [
             {"key": m.key, "role": m.info.role, "engine_id": m.info.engine_id,
              "url": m.info.url, "healthy": m.healthy, "inflight": m.candidate.inflight,
              "running": m.candidate.running, "waiting": m.candidate.waiting,
              "kv_usage": m.candidate.kv_usage, "log": m.info.log_path} for m in members]}
 
-    def actor(self, key: str):
-        return self._actors[key]
+    def actor(self, key: str) -> Any:
+        """The Ray actor of instance ``key`` (e.g. ``"prefill-0"``)."""
+        return self._actors.handle(key)
 
     def scale(self, prefill: int | None = None, decode: int | None = None,
               drain_timeout_s: float = 600.0) -> dict[str, Any]:
@@ -197,47 +140,62 @@ class Deployment:
         leaves routing at once, finishes the requests it has (up to ``drain_timeout_s``),
         then stops: no request is lost. At least one decode instance stays.
         """
-        from disagg.launch.scaling import grow, shrink
-
         if decode is not None and decode < 1:
             raise ValueError(f"decode must be at least 1, got {decode}")
         if prefill is not None and prefill < 0:
             raise ValueError(f"prefill must be at least 0, got {prefill}")
         with self._scale_lock:
-            for role, want in (("prefill", prefill), ("decode", decode)):
-                have = sorted((k for k in self._actors if k.startswith(role + "-")),
-                              key=lambda k: int(k.rsplit("-", 1)[1]))
+            wanted: tuple[tuple[Role, int | None], ...] = (("prefill", prefill),
+                                                           ("decode", decode))
+            for role, want in wanted:
+                have = self._actors.keys(role)
                 if want is None or want == len(have):
                     continue
                 if want > len(have):
-                    grow(self, role, want - len(have), want)
+                    self._grow(role, want - len(have), want)
                 else:
-                    shrink(self, have[want:], drain_timeout_s)
+                    self._shrink(have[want:], drain_timeout_s)
+                self._actors.resized(role, want)
                 pool = getattr(self.topology, role).model_copy(update={"replicas": want})
                 self.topology = self.topology.model_copy(update={role: pool})
         return self.status()
+
+    def _grow(self, role: Role, count: int, replicas: int) -> None:
+        keys = self._actors.spawn(role, count, replicas)
+        for key, info in self._actors.wait_ready(keys, READY_TIMEOUT_S).items():
+            self.instances[key] = info
+            self.gateway.call(self.gateway.add_instance, key, info)
+            logger.info("scale: %s joined (engine %s at %s)", key, info.engine_id, info.url)
+
+    def _shrink(self, keys: list[str], timeout_s: float) -> None:
+        gw = self.gateway
+        for key in keys:
+            gw.call(gw.set_draining, key)
+        members = [gw.pool.members[k] for k in keys if k in gw.pool.members]
+        deadline = time.monotonic() + timeout_s
+        while any(_busy(m) for m in members) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if any(m.info.role == "prefill" for m in members):
+            time.sleep(PULL_GRACE_S)
+        for key in keys:
+            logger.info("scale: stopping %s", key)
+            self._actors.stop([key])
+            gw.call(gw.remove_instance, key)
+            self.instances.pop(key, None)
 
     def shutdown(self) -> None:
         """Stop the gateway, every engine and actor; idempotent."""
         if self._closed:
             return
         self._closed = True
+        current: list[InstanceInfo] = []
         if self._server is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=10)
-        stops = [a.stop.remote() for a in self._actors.values()]
-        try:
-            ray.get(stops, timeout=30)
-        except Exception as exc:  # Ray itself may be going down (Ctrl-C reaches it too)
-            logger.warning("stopping instances through Ray: %s", exc)
-        for a in self._actors.values():
-            with contextlib.suppress(Exception):
-                ray.kill(a, no_restart=True)
-        self._actors.clear()
+            current = [m.info for m in self._server.gateway.pool.members.values()]
+            self._server.stop()
+        self._actors.stop_all()
         # Belt and braces on this node: an engine's supervisor stops its process group on
         # SIGTERM, whatever state Ray is in.
-        current = [m.info for m in self._gateway.pool.members.values()] if self._gateway else []
-        for info in [*getattr(self, "instances", {}).values(), *current]:
+        for info in [*self.instances.values(), *current]:
             stop_local_supervisor(info)
         if self._started_ray:
             ray.shutdown()
@@ -247,6 +205,12 @@ class Deployment:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _busy(m: Member) -> bool:
+    """Requests in flight or queued on ``m`` (the gateway's count, or the engine's)."""
+    c = m.candidate
+    return c.inflight > 0 or c.running > 0 or c.waiting > 0
 
 
 def launch(topology: Topology | str | Path | dict[str, Any] | None = None,
@@ -265,10 +229,14 @@ def launch(topology: Topology | str | Path | dict[str, Any] | None = None,
             started = True
         else:
             ray.init(address=address, log_to_driver=False)
-    dep = Deployment(topo, started)
     try:
-        dep._start_instances()
-        dep._start_gateway(port)
+        dep = Deployment(topo, started)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    try:
+        dep.start(port)
     except BaseException:
         dep.shutdown()
         raise

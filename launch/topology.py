@@ -1,262 +1,72 @@
-"""Topology: the strict, validated description of a disagg deployment.
+"""Loading a topology: YAML or a mapping in, a validated ``disagg.config.Topology`` out.
 
-A topology is loaded once (``load_topology``) and then travels to every actor as a pydantic
-model. Unknown fields and bad values fail at load with the field's dotted path and what
-would be valid (``TopologyError``), never later inside an actor.
+The schema itself is ``disagg.config`` (the bottom layer); this module adds what needs the
+layers above it: policy names and options are checked against the scheduler's registry.
+Every problem fails at load with the field's dotted path and what would be valid
+(``TopologyError``), never later inside an actor.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-Dtype = Literal["bfloat16", "float16", "float32", "auto"]
-# round_robin, least_loaded (queue, then KV usage), kv_aware (uncached prompt + queue),
-# session (X-Session-Id header -> one instance, rendezvous hashing)
-PolicyName = Literal["round_robin", "least_loaded", "kv_aware", "session"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class EngineArgs(_Strict):
-    """vLLM engine arguments shared by every instance (prefill and decode must agree)."""
-
-    dtype: Dtype = Field("bfloat16", description="Model and KV cache dtype.")
-    max_model_len: Annotated[int, Field(gt=0)] = Field(
-        4096, description="Longest prompt plus completion, in tokens."
-    )
-    kv_cache_gib: Annotated[int, Field(ge=1, le=1024)] = Field(
-        2, description="KV cache size per instance in whole GiB (VLLM_CPU_KVCACHE_SPACE on CPU)."
-    )
-    block_size: Annotated[int, Field(gt=0, multiple_of=16)] | None = Field(
-        None, description="KV block size in tokens; None lets vLLM choose (128 on CPU)."
-    )
-    max_num_seqs: Annotated[int, Field(gt=0)] = Field(
-        64, description="Most requests an engine runs at once."
-    )
-    max_num_batched_tokens: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="Token budget of one engine step; None keeps vLLM's default."
-    )
-    enable_prefix_caching: bool = Field(True, description="vLLM's own prefix cache.")
-    enforce_eager: bool = Field(
-        False, description="Skip torch.compile: faster start-up, slower steps."
-    )
-    seed: int = Field(0, description="Engine seed.")
-    extra_args: list[str] = Field(
-        default_factory=list,
-        description="Further vLLM api_server flags, passed verbatim (e.g. ['--enforce-eager']).",
-    )
-
-
-class Resources(_Strict):
-    """What one replica of a pool gets from Ray."""
-
-    num_cpus: Annotated[float, Field(gt=0)] = Field(
-        1.0, description="CPU cores per replica; on CPU-only nodes they also run the model."
-    )
-    num_gpus: Annotated[float, Field(ge=0)] = Field(
-        0.0, description="GPUs per replica; must equal tensor_parallel_size when > 0."
-    )
-    memory_gib: Annotated[float, Field(ge=0)] = Field(0.0, description="Ray memory reservation.")
-
-
-class Pool(_Strict):
-    """A pool of identical vLLM instances with one role."""
-
-    replicas: Annotated[int, Field(ge=0, le=64)] = Field(1, description="Number of instances.")
-    tensor_parallel_size: Annotated[int, Field(ge=1, le=16)] = Field(
-        1, description="Tensor-parallel size of each instance."
-    )
-    resources: Resources = Field(default_factory=Resources)
-
-    @model_validator(mode="after")
-    def _gpus_match_tp(self) -> Pool:
-        gpus = self.resources.num_gpus
-        if gpus and gpus != self.tensor_parallel_size:
-            raise ValueError(
-                f"resources.num_gpus ({gpus}) must equal tensor_parallel_size "
-                f"({self.tensor_parallel_size}) or be 0 for CPU instances"
-            )
-        return self
-
-
-class TransferConfig(_Strict):
-    """KV transfer between instances (NIXL data plane, ZMQ control plane)."""
-
-    backends: list[Literal["UCX", "LIBFABRIC", "GDS", "POSIX"]] = Field(
-        default_factory=lambda: ["UCX"], min_length=1, description="NIXL backends, in order."
-    )
-    handshake_timeout_s: Annotated[float, Field(gt=0, le=600)] = Field(
-        10.0, description="Longest wait for a peer's handshake reply."
-    )
-    transfer_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
-        30.0, description="A pull not done by then fails; the decoder recomputes."
-    )
-    lease_s: Annotated[float, Field(gt=0, le=3600)] = Field(
-        60.0, description="A prefill frees blocks no decoder pulled within this time."
-    )
-    base_port: Annotated[int, Field(ge=0, le=65000)] = Field(
-        0,
-        description="First side-channel port; instance k (and TP rank r) takes base_port + "
-        "its offset + r. 0 picks free ports on each node.",
-    )
-
-    @model_validator(mode="after")
-    def _port_range(self) -> TransferConfig:
-        if 0 < self.base_port < 1024:
-            raise ValueError(f"base_port must be 0 (pick free ports) or >= 1024, "
-                             f"got {self.base_port}")
-        return self
-
-
-class StoreConfig(_Strict):
-    """The KV store: chunks of prompt KV kept for reuse across requests and instances, and
-    the decoder's fallback when a pull fails. Tiers: CPU (per instance), then optional
-    disk (shared by the instances of one host) and Redis (shared by every host)."""
-
-    enabled: bool = Field(True, description="Save and load KV chunks through the store.")
-    chunk_tokens: Annotated[int, Field(ge=16, le=65536)] = Field(
-        256, description="Tokens per chunk, rounded to whole KV blocks."
-    )
-    cpu_gib: Annotated[float, Field(gt=0, le=4096)] = Field(
-        1.0, description="CPU tier capacity per instance, GiB."
-    )
-    disk_path: str | None = Field(
-        None, description="Directory of the disk tier (shared by this host's instances); "
-        "None: no disk tier.",
-    )
-    disk_gib: Annotated[float, Field(gt=0)] = Field(8.0, description="Disk tier cap, GiB.")
-    redis_url: str | None = Field(
-        None, description="redis://host:port/db of the Redis tier; None: no Redis tier."
-    )
-    redis_gib: Annotated[float, Field(gt=0)] = Field(
-        1.0, description="Redis tier byte budget, GiB (the server's maxmemory must exceed it)."
-    )
-    save: bool = Field(True, description="Save each finished request's full prompt chunks.")
-
-    @model_validator(mode="after")
-    def _urls(self) -> StoreConfig:
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://",
-                                                             "unix://")):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, "
-                             f"got {self.redis_url!r}")
-        return self
-
-    def settings(self) -> dict[str, Any] | None:
-        """The connector's ``StoreSettings`` fields, or None when the store is off."""
-        if not self.enabled:
-            return None
-        gib = 1 << 30
-        return {"chunk_tokens": self.chunk_tokens, "cpu_bytes": int(self.cpu_gib * gib),
-                "disk_path": str(Path(self.disk_path).expanduser()) if self.disk_path else None,
-                "disk_bytes": int(self.disk_gib * gib), "redis_url": self.redis_url,
-                "redis_bytes": int(self.redis_gib * gib), "save": self.save}
-
-
-class SchedulerConfig(_Strict):
-    """How the gateway pairs a prefill and a decode instance for each request."""
-
-    prefill_policy: PolicyName = Field(
-        "kv_aware", description="Policy choosing the prefill instance."
-    )
-    decode_policy: PolicyName = Field(
-        "kv_aware", description="Policy choosing the decode instance."
-    )
-    min_remote_prefill_tokens: Annotated[int, Field(ge=0)] = Field(
-        256, description="Conditional disaggregation: a request whose prompt the chosen "
-        "decoder lacks fewer than this many tokens of is prefilled on the decoder itself "
-        "(no prefill hop). 0 sends every request through a prefill instance.",
-    )
-    max_prefill_queue: Annotated[int, Field(ge=1)] = Field(
-        8, description="When every prefill instance has this many requests queued or "
-        "running, new requests prefill on their decoder instead of waiting.",
-    )
-    kv_events: bool = Field(
-        True, description="Instances publish vLLM's KV-cache events and the gateway keeps "
-        "a prefix index from them (needed for cache-aware decisions).",
-    )
-    index_max_blocks: Annotated[int, Field(ge=1)] = Field(
-        1_000_000, description="Memory bound of the prefix index, in (block, instance) "
-        "entries (about 100 bytes each).",
-    )
-    kv_aware_queue_tokens: Annotated[float, Field(ge=0)] = Field(
-        512.0, description="kv_aware: prompt tokens one queued request is worth; higher "
-        "spreads load sooner, lower follows cached prefixes longer.",
-    )
-    kv_aware_store_load_cost: Annotated[float, Field(ge=0, le=1)] = Field(
-        0.05, description="kv_aware: cost of loading a token from the KV store, relative "
-        "to computing it.",
-    )
-
-    def policy_options(self, name: str) -> dict[str, float]:
-        """Constructor options for policy ``name`` from this section."""
-        if name != "kv_aware":
-            return {}
-        return {"queue_tokens": self.kv_aware_queue_tokens,
-                "store_load_cost": self.kv_aware_store_load_cost}
-
-
-class ApiConfig(_Strict):
-    """The OpenAI-compatible gateway."""
-
-    host: str = Field("127.0.0.1", description="Address the gateway binds.")
-    port: Annotated[int, Field(ge=0, le=65535)] = Field(8000, description="0 picks a free port.")
-    api_key: str | None = Field(None, description="Bearer token clients must send, if set.")
-    served_model_name: str | None = Field(
-        None, description="Model name clients use; defaults to the model's folder name."
-    )
-    request_timeout_s: Annotated[float, Field(gt=0)] = Field(
-        600.0, description="Longest a client request may take end to end."
-    )
-
-
-class Topology(_Strict):
-    """A whole deployment: model, engines, pools, transfer, scheduler and API."""
-
-    model: str = Field(
-        "tiny", description="A built-in model name (tiny, small) or a local HF-format folder."
-    )
-    engine: EngineArgs = Field(default_factory=EngineArgs)
-    prefill: Pool = Field(default_factory=Pool)
-    decode: Pool = Field(default_factory=Pool)
-    transfer: TransferConfig = Field(default_factory=TransferConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    api: ApiConfig = Field(default_factory=ApiConfig)
-
-    @model_validator(mode="after")
-    def _needs_a_decoder(self) -> Topology:
-        if self.decode.replicas < 1:
-            raise ValueError("decode.replicas must be at least 1: decoders answer every request")
-        return self
+from disagg.config import Topology
+from disagg.scheduler import policy_names, validate_options
 
 
 class TopologyError(ValueError):
     """A topology that cannot be loaded; the message names each bad field and the fix."""
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid topology {source}:"]
+def _describe(err: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
+    """One line per error: the dotted field (under ``prefix``) and what is wrong."""
+    lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in (*prefix, *e["loc"])) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown field; remove it or check its spelling")
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+    return lines
+
+
+def check_names(topology: Topology, source: str = "<topology>") -> Topology:
+    """Check the scheduler section against the policy registry (names and each policy's
+    own options); raise TopologyError naming the field and what is valid."""
+    sched = topology.scheduler
+    known = policy_names()
+    lines: list[str] = []
+    for field in ("prefill_policy", "decode_policy"):
+        name = getattr(sched, field)
+        if name not in known:
+            lines.append(f"  scheduler.{field}: unknown policy {name!r}; use one of "
+                         f"{', '.join(known)}")
+    for name, options in sched.policy_options.items():
+        if name not in known:
+            lines.append(f"  scheduler.policy_options.{name}: unknown policy; use one of "
+                         f"{', '.join(known)}")
+            continue
+        try:
+            validate_options(name, options)
+        except ValidationError as err:
+            lines += _describe(err, ("scheduler", "policy_options", name))
+    if lines:
+        raise TopologyError("\n".join([f"invalid topology {source}:", *lines]))
+    return topology
 
 
 def parse_topology(data: dict[str, Any] | None, source: str = "<dict>") -> Topology:
     """Validate a plain mapping (from YAML or code); raise TopologyError naming bad fields."""
     try:
-        return Topology.model_validate(data or {})
+        topology = Topology.model_validate(data or {})
     except ValidationError as err:
-        raise TopologyError(_describe(err, source)) from None
+        raise TopologyError("\n".join([f"invalid topology {source}:",
+                                       *_describe(err)])) from None
+    return check_names(topology, source)
 
 
 def load_topology(path: str | Path) -> Topology:

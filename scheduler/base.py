@@ -1,7 +1,8 @@
 """The policy interface: choose one instance of a pool for a request.
 
-Policies are small, stateless apart from their own counters, and registered by name, so a
-topology picks them as ``scheduler.prefill_policy`` / ``scheduler.decode_policy``.
+Policies are small, stateless apart from their own counters, and listed by name in
+``disagg.scheduler.registry``, so a topology picks them as ``scheduler.prefill_policy`` /
+``scheduler.decode_policy`` and sets their options under ``scheduler.policy_options``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
 
 
 @dataclass(slots=True)
@@ -30,7 +33,6 @@ class RequestInfo:
     tokenize the request (policies must then route on load alone)."""
 
     request_id: str
-    prompt_chars: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     prompt_tokens: int | None = None
     block_hashes: list[int] = field(default_factory=list)  # vLLM's external block hashes
@@ -48,33 +50,20 @@ class RequestInfo:
                 - self.store_tokens.get(engine_id, 0))
 
 
+class NoOptions(BaseModel):
+    """A policy without options: any option given is an error."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
 class Policy(ABC):
+    """Chooses one instance of a pool per request. ``Options`` is the policy's own option
+    schema (``scheduler.policy_options.<name>`` in a topology); its fields are the keyword
+    arguments of the policy's constructor."""
+
     name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
 
     @abstractmethod
     def choose(self, candidates: Sequence[Candidate], request: RequestInfo) -> Candidate:
         """Pick one of ``candidates`` (never empty) for ``request``."""
-
-
-_REGISTRY: dict[str, type[Policy]] = {}
-
-
-def register(cls: type[Policy]) -> type[Policy]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def make_policy(name: str, **options: float) -> Policy:
-    """The policy registered as ``name``, built with ``options`` (its constructor's)."""
-    from disagg.scheduler import (  # noqa: F401  # registration
-        kv_aware,
-        least_loaded,
-        round_robin,
-        session,
-    )
-
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; known: {sorted(_REGISTRY)}") from None
-    return cls(**options)

@@ -20,13 +20,28 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from disagg.scheduler.base import Candidate, Policy, RequestInfo, register
+from pydantic import BaseModel, ConfigDict, Field
+
+from disagg.scheduler.base import Candidate, Policy, RequestInfo
 from disagg.scheduler.decider import queue_depth
 
 
-@register
+class KVAwareOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    queue_tokens: float = Field(
+        512.0, ge=0, description="Prompt tokens one queued request is worth; higher spreads "
+        "load sooner, lower follows cached prefixes longer.",
+    )
+    store_load_cost: float = Field(
+        0.05, ge=0, le=1, description="Cost of loading a token from the KV store, relative "
+        "to computing it.",
+    )
+
+
 class KVAware(Policy):
     name = "kv_aware"
+    Options = KVAwareOptions
 
     def __init__(self, queue_tokens: float = 512.0, store_load_cost: float = 0.05) -> None:
         self.queue_tokens = queue_tokens

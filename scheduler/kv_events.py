@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from disagg.scheduler.kv_index import PrefixIndex
-from disagg.transfer.store.holders import is_store, own_tier
+from disagg.tiers import is_store, own_tier
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +67,13 @@ def _as_int(h: int | bytes) -> int:
 def apply_batch(index: PrefixIndex, key: str, batch: KVEventBatch) -> int | None:
     """Apply one batch; returns the block size a BlockStored reported, if any.
 
-    Events whose medium names a KV store tier (``disagg.transfer.store.holders``: the
+    Events whose medium names a KV store tier (``disagg.tiers``: the
     connector reports its saves so) go to that tier's holder, not to the instance: a shared
     tier's blocks can be loaded by other instances too."""
     block_size = None
     for ev in batch.events:
-        holder = ev.medium if getattr(ev, "medium", None) and is_store(ev.medium) else key
+        medium = ev.medium if isinstance(ev, (BlockStored, BlockRemoved)) else None
+        holder = medium if medium and is_store(medium) else key
         if isinstance(ev, BlockStored):
             index.stored(holder, map(_as_int, ev.block_hashes), ev.medium or "GPU")
             block_size = ev.block_size or block_size

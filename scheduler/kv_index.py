@@ -1,4 +1,5 @@
-"""Where KV lives: a bounded index from vLLM block hash to the instances holding it.
+"""Where KV lives: a bounded index from vLLM block hash to the holders (instances and KV
+store tiers) that have it.
 
 Fed by each instance's KV-cache events (``disagg.scheduler.kv_events``) and queried by the
 gateway with the block hashes of a new request (``disagg.scheduler.hashing``), both in
@@ -34,13 +35,16 @@ from dataclasses import dataclass
 class IndexStats:
     entries: int
     hashes: int
-    per_instance: dict[str, int]
+    per_holder: dict[str, int]
     evicted: int
-    dropped_instances: int
+    dropped_holders: int
     expected: int = 0
 
 
 class PrefixIndex:
+    """Block hash -> holders. A holder is an instance (its engine id: vLLM's own cache) or
+    a KV store tier (its ``disagg.tiers`` name, e.g. ``store:redis``)."""
+
     def __init__(self, max_entries: int = 1_000_000, expect_ttl_s: float = 30.0,
                  max_expected: int = 100_000,
                  capacity_of: Callable[[str], int | None] | None = None):
@@ -51,9 +55,9 @@ class PrefixIndex:
         self.max_entries = max_entries
         self.expect_ttl_s = expect_ttl_s
         self.max_expected = max_expected
-        # instance -> hash -> expiry (monotonic), oldest first
+        # holder -> hash -> expiry (monotonic), oldest first
         self._expected: dict[str, OrderedDict[int, float]] = {}
-        self._where: OrderedDict[int, dict[str, str]] = OrderedDict()  # hash -> inst -> tier
+        self._where: OrderedDict[int, dict[str, str]] = OrderedDict()  # hash -> holder -> tier
         self._held: dict[str, dict[int, None]] = {}  # holder -> hashes, oldest stored first
         self._caps: dict[str, int] = {}  # holder -> most hashes it keeps; 0: unbounded
         self._capacity_of = capacity_of
@@ -62,50 +66,45 @@ class PrefixIndex:
         self._dropped = 0
 
     # ---- updates (from events) ----------------------------------------------------------
-    def set_capacity(self, holder: str, max_hashes: int) -> None:
-        """Bound one holder (a KV store tier, whose evictions send no events) to its most
-        recently stored ``max_hashes``: the tier's byte cap over the bytes of a block."""
-        self._caps[holder] = max(1, max_hashes)
-
-    def stored(self, instance: str, hashes: Iterable[int], tier: str = "GPU") -> None:
-        held = self._held.setdefault(instance, {})
-        if instance not in self._caps and self._capacity_of is not None:
-            self._caps[instance] = self._capacity_of(instance) or 0
-        cap = self._caps.get(instance) or None
+    def stored(self, holder: str, hashes: Iterable[int], tier: str = "GPU") -> None:
+        held = self._held.setdefault(holder, {})
+        if holder not in self._caps and self._capacity_of is not None:
+            self._caps[holder] = self._capacity_of(holder) or 0
+        cap = self._caps.get(holder) or None
         for h in hashes:
             where = self._where.get(h)
             if where is None:
                 where = self._where[h] = {}
             else:
                 self._where.move_to_end(h)
-            if instance not in where:
+            if holder not in where:
                 self._entries += 1
             held.pop(h, None)
             held[h] = None  # newest last
-            where[instance] = tier
+            where[holder] = tier
             if cap is not None and len(held) > cap:
                 oldest = next(iter(held))
                 del held[oldest]
-                self._forget(oldest, instance)
+                self._forget(oldest, holder)
         while self._entries > self.max_entries:
             self._evict_oldest()
 
-    def removed(self, instance: str, hashes: Iterable[int]) -> None:
-        held = self._held.get(instance)
+    def removed(self, holder: str, hashes: Iterable[int]) -> None:
+        held = self._held.get(holder)
         if not held:
             return
         for h in hashes:
             if h in held:
                 del held[h]
-                self._forget(h, instance)
+                self._forget(h, holder)
 
-    def expect(self, instance: str, hashes: Iterable[int], now: float | None = None) -> None:
-        """``instance`` was just sent a request with these block hashes: count them as held
+    def expect(self, holder: str, hashes: Iterable[int], now: float | None = None) -> None:
+        """``holder`` was just sent a request with these block hashes: count them as held
         for ``expect_ttl_s`` (see the module docstring)."""
         if not self.max_expected or not self.expect_ttl_s:
             return
         now = time.monotonic() if now is None else now
-        pending = self._expected.setdefault(instance, OrderedDict())
+        pending = self._expected.setdefault(holder, OrderedDict())
         expiry = now + self.expect_ttl_s
         for h in hashes:
             pending[h] = expiry
@@ -114,23 +113,23 @@ class PrefixIndex:
                            or next(iter(pending.values())) <= now):
             pending.popitem(last=False)
 
-    def drop(self, instance: str) -> None:
-        """Forget everything ``instance`` holds (restart, cleared cache, event gap)."""
-        self._expected.pop(instance, None)
-        held = self._held.pop(instance, {})
+    def drop(self, holder: str) -> None:
+        """Forget everything ``holder`` holds (restart, cleared cache, event gap)."""
+        self._expected.pop(holder, None)
+        held = self._held.pop(holder, {})
         for h in held:
-            self._forget(h, instance)
+            self._forget(h, holder)
         if held:
             self._dropped += 1
 
     # ---- queries ------------------------------------------------------------------------
-    def match(self, instance: str, hashes: Sequence[int], now: float | None = None,
+    def match(self, holder: str, hashes: Sequence[int], now: float | None = None,
               also: Sequence[str] = ()) -> int:
-        """Number of leading ``hashes`` that ``instance`` holds or is expected to hold (its
+        """Number of leading ``hashes`` that ``holder`` holds or is expected to hold (its
         prefix-cache hit), or, block by block, one of the holders in ``also`` holds (store
-        tiers ``instance`` can load from)."""
-        held = self._held.get(instance, {})
-        pending = self._expected.get(instance)
+        tiers ``holder`` can load from)."""
+        held = self._held.get(holder, {})
+        pending = self._expected.get(holder)
         others = [self._held[a] for a in also if self._held.get(a)]
         if not held and not pending and not others:
             return 0
@@ -157,9 +156,9 @@ class PrefixIndex:
     def check_integrity(self) -> None:
         """Raise AssertionError if the two views disagree (tests call this)."""
         total = 0
-        for inst, held in self._held.items():
+        for holder, held in self._held.items():
             for h in held:
-                assert inst in self._where.get(h, {}), (inst, h)
+                assert holder in self._where.get(h, {}), (holder, h)
             total += len(held)
         assert total == self._entries == sum(len(w) for w in self._where.values())
         assert all(self._where.values()), "empty holder set left behind"
@@ -168,16 +167,16 @@ class PrefixIndex:
         assert all(len(p) <= self.max_expected for p in self._expected.values())
 
     # ---- internals ----------------------------------------------------------------------
-    def _forget(self, h: int, instance: str) -> None:
+    def _forget(self, h: int, holder: str) -> None:
         where = self._where.get(h)
-        if where is not None and where.pop(instance, None) is not None:
+        if where is not None and where.pop(holder, None) is not None:
             self._entries -= 1
             if not where:
                 del self._where[h]
 
     def _evict_oldest(self) -> None:
         h, where = self._where.popitem(last=False)
-        for inst in where:
-            self._held[inst].pop(h, None)
+        for holder in where:
+            self._held[holder].pop(h, None)
         self._entries -= len(where)
         self._evicted += len(where)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from disagg.scheduler.base import Candidate, Policy, RequestInfo, register
+from disagg.scheduler.base import Candidate, Policy, RequestInfo
 
 
-@register
 class LeastLoaded(Policy):
     name = "least_loaded"
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from disagg.scheduler.base import Candidate, Policy, RequestInfo, register
+from disagg.scheduler.base import Candidate, Policy, RequestInfo
 
 
-@register
 class RoundRobin(Policy):
     name = "round_robin"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-from disagg.scheduler.base import Candidate, Policy, RequestInfo, register
+from disagg.scheduler.base import Candidate, Policy, RequestInfo
 from disagg.scheduler.least_loaded import LeastLoaded
 
 SESSION_HEADER = "x-session-id"
@@ -21,7 +21,6 @@ def _weight(session: str, instance: str) -> bytes:
     return hashlib.sha256(f"{session}\0{instance}".encode()).digest()
 
 
-@register
 class SessionAffinity(Policy):
     name = "session"
 

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 PY=${PYTHON:-python3.11}
 STAMP=$VENV/.disagg-setup-stamp
+FILES_STAMP=$VENV/.disagg-files-stamp
 
 # redis-server (Debian's package) for the Redis store tier and its tests. Checked on every run,
 # before the stamp: the venv can be current while the machine lacks the server. Never fatal:
@@ -31,8 +32,26 @@ if ! install_redis_server; then
        "the Redis store tests will skip (or fail under CI / DISAGG_REQUIRE_REDIS=1)." >&2
 fi
 
+# The package is installed editable in setuptools' strict mode: a link tree under build/
+# mirrors the installed namespace (disagg/, disagg/transfer/ -> transfer/, ...), so type
+# checkers and IDEs resolve `disagg.*` imports to the checkout's files. The tree lists files,
+# so it is refreshed whenever a module is added, moved or removed.
+link_tree() {
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
+    --config-settings editable_mode=strict 2>&1 | grep -v -i "editable\|^ *!!\|^ *\*\*\|^ *$\|auxiliary\|strategy\|import/use\|pth\|directory" >&2 || true
+}
+package_files() {
+  find disagg transfer kernels scheduler launch \( -name '*.py' -o -name '*.yaml' \) \
+    -not -path '*/__pycache__/*' | LC_ALL=C sort | sha256sum | cut -d' ' -f1
+}
+
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$want" ]]; then
+  files=$(package_files)
+  if [[ "$(cat "$FILES_STAMP" 2>/dev/null)" != "$files" ]]; then
+    link_tree
+    echo "$files" > "$FILES_STAMP"
+  fi
   exit 0
 fi
 PIP_ARGS=()
@@ -51,6 +70,10 @@ fi
 # NIXL: the meta package would pull both cu12 and cu13 wheels; take cu12 and the meta without deps.
 pip install "${PIP_ARGS[@]}" nixl-cu12==1.5.1
 pip install "${PIP_ARGS[@]}" --no-deps nixl==1.5.1
-pip install "${PIP_ARGS[@]}" -e '.[dev]'
+# Dependencies (with the dev and benchmark extras), then the package itself as a link tree.
+pip install "${PIP_ARGS[@]}" '.[dev,bench]'
+pip uninstall -y -q disagg
+link_tree
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+package_files > "$FILES_STAMP"
 echo "$want" > "$STAMP"

@@ -38,7 +38,7 @@ def redis_url() -> Iterator[str]:
             pytest.fail(f"{why}; required because CI or DISAGG_REQUIRE_REDIS is set",
                         pytrace=False)
         pytest.skip(why)
-    from disagg.transfer.store.redis_server import local_redis
+    from tests.support.redis_server import local_redis
 
     with local_redis() as url:
         yield url

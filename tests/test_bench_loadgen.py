@@ -1,15 +1,23 @@
-"""Load generator against the fake OpenAI server: timing honesty, failures, load modes."""
+"""Load generator against the fake OpenAI server: timing honesty, failures, load modes; the
+NixlConnector proxy and the RESULTS.md writer of benchmarks/."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 import statistics
+import threading
+import time
+from pathlib import Path
 
 import pytest
+import uvicorn
 
+from benchmarks import proxy
+from benchmarks.results_md import machine_info, update_results_md
 from disagg.bench.client import EndpointConfig
-from disagg.bench.fake_server import FakeBehavior, FakeServer
 from disagg.bench.loadgen import (
     LoadConfig,
     RunResult,
@@ -19,6 +27,9 @@ from disagg.bench.loadgen import (
 )
 from disagg.bench.metrics import Slo, percentile, stats_ms, summarize
 from disagg.bench.records import ChatMessage, RequestResult, RequestSpec
+from tests.support.fake_server import FakeBehavior, FakeServer
+
+RESULTS_MD = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
 
 TTFT = 0.25
 ITL = 0.04
@@ -205,25 +216,7 @@ def test_goodput_counts_requests_meeting_both_slos():
     assert set(doc["ttft_ms"]) >= {"mean", "p50", "p90", "p99"}
 
 
-def _load_benchmarks_module(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_nixl_proxy_prefills_then_streams_from_decode():
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    proxy = _load_benchmarks_module("proxy")
     with (
         FakeServer(FakeBehavior(ttft_s=0.0, itl_s=0.0)) as pre,
         FakeServer(FakeBehavior(ttft_s=0.1, itl_s=0.02)) as dec,
@@ -255,14 +248,36 @@ def test_nixl_proxy_prefills_then_streams_from_decode():
 
 
 def test_results_md_replaces_only_its_own_section(tmp_path):
-    md = _load_benchmarks_module("results_md")
     path = tmp_path / "RESULTS.md"
-    md.update_results_md(path, "doc-analysis", "old table\n")
-    md.update_results_md(path, "sharegpt", "sharegpt table\n")
-    md.update_results_md(path, "doc-analysis", "new table\n")
+    update_results_md(path, "compare:doc-analysis", "old table\n")
+    update_results_md(path, "transfer", "transfer table")
+    update_results_md(path, "compare:sharegpt", "sharegpt table\n")
+    update_results_md(path, "compare:doc-analysis", "new table\n")
+    update_results_md(path, "transfer", "new transfer table")
     text = path.read_text()
+    assert text.startswith("# Benchmark results\n")
     assert "old table" not in text and text.count("new table") == 1
-    assert "sharegpt table" in text
-    assert text.index("<!-- compare:doc-analysis -->") < text.index("new table")
-    assert text.index("new table") < text.index("<!-- /compare:doc-analysis -->")
-    assert "cores" in md.machine_info()
+    assert "sharegpt table" in text and text.count("transfer table") == 1
+    assert "<!-- compare:doc-analysis -->\nnew table\n<!-- /compare:doc-analysis -->\n" in text
+    assert "<!-- transfer -->\nnew transfer table\n<!-- /transfer -->\n" in text
+    assert text.index("new table") < text.index("new transfer table") < text.index("sharegpt")
+    assert "cores" in machine_info()
+
+
+def test_results_md_rewrites_the_committed_sections_in_place(tmp_path):
+    """Every section of the committed RESULTS.md (both marker styles) is found and replaced in
+    place: rewriting each with its own body leaves the file byte for byte the same."""
+    original = RESULTS_MD.read_text()
+    sections = re.findall(r"<!-- ([^/ ][^ ]*) -->\n(.*?)\n<!-- /\1 -->", original, re.DOTALL)
+    names = [name for name, _ in sections]
+    assert {"compare:doc-analysis", "transfer", "store", "routing"} <= set(names)
+    path = tmp_path / "RESULTS.md"
+    path.write_text(original)
+    for name, body in sections:
+        update_results_md(path, name, body)
+    assert path.read_text() == original
+    update_results_md(path, "store", "new store table")
+    text = path.read_text()
+    assert "<!-- store -->\nnew store table\n<!-- /store -->\n" in text
+    assert len(text.splitlines()) < len(original.splitlines())
+    assert text.replace("new store table", dict(sections)["store"]) == original

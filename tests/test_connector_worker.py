@@ -1,4 +1,4 @@
-"""The connector's worker side without vLLM: two DisaggWorkers on real NIXL in one process.
+"""The connector's worker half without vLLM: two ConnectorWorkers on real NIXL in one process.
 
 Covers the states a pull can end in (read, peer gone, timeout) and the prefill side's
 release paths (notification, abort notice, lease expiry), as counted in TransferStats.
@@ -10,20 +10,32 @@ import time
 
 import torch
 
-from disagg.transfer.metadata import DisaggMetadata, PeerAddress, RecvOrder
-from disagg.transfer.protocol import Compat
-from disagg.transfer.settings import ConnectorSettings
-from disagg.transfer.worker import DisaggWorker
+from disagg.config import ConnectorConfig, StoreConfig, TransferConfig
+from disagg.transfer.connector.metadata import (
+    DisaggMetadata,
+    PeerAddress,
+    RecvOrder,
+    ReleaseOrder,
+)
+from disagg.transfer.connector.worker_half import ConnectorWorker
+from disagg.transfer.control.messages import Compat
 
 NB, LAYERS = 16, 2
 
 
-def _worker(name: str, fill: bool, **settings) -> tuple[DisaggWorker, list[torch.Tensor]]:
+def connector_config(store: StoreConfig | None = None, **fields) -> ConnectorConfig:
+    """A ConnectorConfig from flat keyword arguments: ``TransferConfig`` fields (lease_s,
+    handshake_timeout_s, ...) go into its ``transfer`` section, the rest to the top level."""
+    transfer = {k: fields.pop(k) for k in list(fields) if k in TransferConfig.model_fields}
+    return ConnectorConfig(transfer=TransferConfig(**transfer), store=store, **fields)
+
+
+def _worker(name: str, fill: bool, **fields) -> tuple[ConnectorWorker, list[torch.Tensor]]:
     caches = [(torch.randn if fill else torch.zeros)(NB, 2, 16, 32).to(torch.bfloat16)
               for _ in range(LAYERS)]
     compat = Compat(model="m", dtype="bfloat16", block_size=16, num_layers=LAYERS,
                     plane_bytes=[caches[0][0].numel() * 2] * LAYERS)
-    w = DisaggWorker(ConnectorSettings(**settings), name, 0, compat)
+    w = ConnectorWorker(connector_config(**fields), name, 0, compat)
     w.register({f"l{i}": t for i, t in enumerate(caches)}, NB)
     return w, caches
 
@@ -85,8 +97,6 @@ def test_abort_notice_and_lease_expiry_free_held_blocks():
     try:
         p.start(DisaggMetadata(sends={"keep": 60.0, "short": 0.2}))
         # The decoder found everything in its own cache: it releases the peer's copy.
-        from disagg.transfer.metadata import ReleaseOrder
-
         d.start(DisaggMetadata(releases=[ReleaseOrder(
             PeerAddress("p3", "127.0.0.1", p._server.port), "keep")]))
         res = _step_until([p], lambda r: {"keep", "short"} <= r[p][0])

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from disagg import instance as inst
+from disagg.config import EngineArgs, TransferConfig
 from disagg.instance import InstanceSpec, VLLMProcess, free_ports, root_cause
-from disagg.launch.topology import EngineArgs, TransferConfig
 
 _SERVER = """
 import http.server, sys

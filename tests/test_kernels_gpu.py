@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from test_kernels import NUM_LAYERS, random_bits, same_bits
 
 from disagg.kernels import (
     KVLayout,
@@ -18,6 +17,7 @@ from disagg.kernels import (
     scatter_blocks,
     scatter_reference,
 )
+from tests.test_kernels import NUM_LAYERS, random_bits, same_bits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA GPU")]

@@ -207,7 +207,7 @@ def test_external_is_low_64_bits():
 def test_store_holders_are_bounded_by_their_capacity_and_extend_a_prefix():
     idx = PrefixIndex(capacity_of=lambda h: 4 if h.startswith("store:") else None)
     idx.stored("store:redis", [1, 2, 3, 4, 5, 6], "store:redis")  # cap 4: 1 and 2 go
-    assert idx.stats().per_instance["store:redis"] == 4
+    assert idx.stats().per_holder["store:redis"] == 4
     idx.stored("e0", [1, 2])  # vLLM cache: unbounded (by max_entries only)
     assert idx.match("e0", [1, 2, 3, 4, 9]) == 2
     assert idx.match("e0", [1, 2, 3, 4, 9], also=["store:redis"]) == 4  # block by block

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from disagg.transfer.layout import Run, coalesce, descriptors, planes_of, storage_regions
+from disagg.transfer.nixl.layout import Run, coalesce, descriptors, planes_of, storage_regions
 
 
 def test_coalesce_merges_runs_consecutive_on_both_sides():

@@ -3,8 +3,10 @@
 from collections import Counter
 
 import pytest
+from pydantic import ValidationError
 
-from disagg.scheduler import Candidate, RequestInfo, make_policy
+from disagg.launch.topology import TopologyError, parse_topology
+from disagg.scheduler import Candidate, RequestInfo, make_policy, policy_names
 
 
 def _cands(n):
@@ -93,14 +95,39 @@ def test_kv_aware_credits_store_hits_as_cheap_but_not_free():
 
 
 def test_kv_aware_options_come_from_the_topology():
-    from disagg.launch.topology import parse_topology
-
-    sched = parse_topology({"scheduler": {"kv_aware_queue_tokens": 64,
-                                          "kv_aware_store_load_cost": 0.2}}).scheduler
-    kv = make_policy("kv_aware", **sched.policy_options("kv_aware"))
+    sched = parse_topology({"scheduler": {"policy_options": {
+        "kv_aware": {"queue_tokens": 64, "store_load_cost": 0.2}}}}).scheduler
+    kv = make_policy("kv_aware", sched.policy_options.get("kv_aware"))
     assert (kv.queue_tokens, kv.store_load_cost) == (64, 0.2)
-    assert sched.policy_options("round_robin") == {}
     c = [Candidate("e0", "u0", inflight=1), Candidate("e1", "u1")]
     info = RequestInfo("r", prompt_tokens=1000, cached_tokens={"e0": 900})
     assert kv.choose(c, info).engine_id == "e0"  # 100 + 64 < 1000
-    assert make_policy("kv_aware", queue_tokens=2000).choose(c, info).engine_id == "e1"
+    assert make_policy("kv_aware", {"queue_tokens": 2000}).choose(c, info).engine_id == "e1"
+
+
+def test_earlier_kv_aware_keys_still_load():
+    sched = parse_topology({"scheduler": {"kv_aware_queue_tokens": 64,
+                                          "kv_aware_store_load_cost": 0.2}}).scheduler
+    assert sched.policy_options == {"kv_aware": {"queue_tokens": 64, "store_load_cost": 0.2}}
+
+
+def test_every_registered_policy_declares_its_options():
+    for name in policy_names():
+        make_policy(name)  # defaults are valid
+        with pytest.raises(ValidationError):
+            make_policy(name, {"no_such_option": 1})
+
+
+@pytest.mark.parametrize(("data", "names"), [
+    ({"policy_options": {"kv_aware": {"queue_tokenz": 1}}},
+     ["scheduler.policy_options.kv_aware.queue_tokenz", "unknown field"]),
+    ({"policy_options": {"kv_aware": {"store_load_cost": 2}}},
+     ["scheduler.policy_options.kv_aware.store_load_cost", "less than or equal to 1"]),
+    ({"policy_options": {"fastest": {}}}, ["scheduler.policy_options.fastest", "kv_aware"]),
+    ({"prefill_policy": "random"}, ["scheduler.prefill_policy", "round_robin"]),
+])
+def test_policy_errors_name_the_field(data, names):
+    with pytest.raises(TopologyError) as err:
+        parse_topology({"scheduler": data})
+    for name in names:
+        assert name in str(err.value)

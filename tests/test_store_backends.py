@@ -25,7 +25,6 @@ from disagg.transfer.store import (
     BACKENDS,
     CpuBackend,
     DiskBackend,
-    FakeBackend,
     RedisBackend,
     StoreBackend,
     TieredStore,
@@ -34,7 +33,8 @@ from disagg.transfer.store import disk as disk_module
 from disagg.transfer.store.disk import HEADER, LEDGER, RECORD
 from disagg.transfer.store.keys import ChunkKey
 from disagg.transfer.store.redis import CHECKSUM_SIZE
-from disagg.transfer.store.redis_server import local_redis
+from tests.support.fake_backend import FakeBackend
+from tests.support.redis_server import local_redis
 
 VALUE = 1000  # bytes per test value
 SLOTS = 8  # capacities below hold exactly this many test values

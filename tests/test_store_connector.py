@@ -1,4 +1,4 @@
-"""The connector with a KV store, without vLLM: DisaggWorkers on real NIXL and real tiers.
+"""The connector with a KV store, without vLLM: ConnectorWorkers on real NIXL and real tiers.
 
 Instance X saves a request's prompt chunks; instance Y (another process in production, a
 second worker here) finds them through its scheduler's lookup and loads them, through a
@@ -9,33 +9,42 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import pytest
 import torch
-from test_connector_worker import LAYERS, NB, _step_until
+from vllm.distributed.kv_events import KVEventBatch
+from vllm.v1.request import RequestStatus
 
-from disagg.transfer.metadata import (
+from disagg.config import StoreConfig
+from disagg.scheduler.hashing import external
+from disagg.scheduler.kv_events import _decoder, apply_batch, drop_instance
+from disagg.scheduler.kv_index import PrefixIndex
+from disagg.tiers import loadable_by
+from disagg.transfer.connector.metadata import (
     DisaggMetadata,
     PeerAddress,
     RecvOrder,
     StoreLoadOrder,
     StoreSaveOrder,
 )
-from disagg.transfer.protocol import Compat
-from disagg.transfer.settings import ConnectorSettings, StoreSettings
-from disagg.transfer.store_lookup import LookupClient
-from disagg.transfer.worker import DisaggWorker
+from disagg.transfer.connector.scheduler_half import ConnectorScheduler
+from disagg.transfer.connector.worker_half import ConnectorWorker
+from disagg.transfer.control.messages import PROTOCOL_VERSION, Compat, KVTransferParams
+from disagg.transfer.store.lookup import LookupClient
+from tests.test_connector_worker import LAYERS, NB, _step_until, connector_config
 
 BLOCK, CHUNK = 16, 32  # two blocks per chunk
 PROMPT = tuple(range(1000, 1000 + 5 * CHUNK + 7))  # 5 full chunks and a tail
 
 
-def _worker(name: str, fill: bool, store: dict, **settings):
+def _worker(name: str, fill: bool, store: dict, **fields):
     caches = [(torch.randn if fill else torch.zeros)(NB, 2, BLOCK, 32).to(torch.bfloat16)
               for _ in range(LAYERS)]
     compat = Compat(model="m", dtype="bfloat16", block_size=BLOCK, num_layers=LAYERS,
                     plane_bytes=[caches[0][0].numel() * 2] * LAYERS)
-    st = StoreSettings(chunk_tokens=CHUNK, cpu_bytes=1 << 22, lookup_timeout_s=2, **store)
-    w = DisaggWorker(ConnectorSettings(store=st, **settings), name, 0, compat, model_id="w1")
+    st = StoreConfig(chunk_tokens=CHUNK, cpu_gib=(1 << 22) / (1 << 30), lookup_timeout_s=2,
+                     **store)
+    w = ConnectorWorker(connector_config(store=st, **fields), name, 0, compat, model_id="w1")
     w.register({f"l{i}": t for i, t in enumerate(caches)}, NB)
     return w, caches
 
@@ -47,7 +56,7 @@ def _shared_tiers(kind: str, tmp_path, request) -> dict:
     return {"redis_url": url, "redis_namespace": f"t{time.monotonic_ns()}"}
 
 
-def _save(x: DisaggWorker, rid: str, blocks: tuple[int, ...]) -> None:
+def _save(x: ConnectorWorker, rid: str, blocks: tuple[int, ...]) -> None:
     x.start(DisaggMetadata(store_saves=[StoreSaveOrder(rid, PROMPT[:5 * CHUNK], blocks)]))
     _step_until([x], lambda r: rid in r[x][0])  # held until copied
     assert x.store.flush(10)  # write-through to the lower tiers done
@@ -135,22 +144,12 @@ def test_lookup_without_a_server_times_out_to_zero():
     ({"redis_url": "redis://unused:1"}, "store:redis", True),
 ])
 def test_saves_reach_the_gateway_index_as_store_events(store, medium, other_sees):
-    """The scheduler side reports a save as vLLM KV events naming the widest tier; through
+    """The scheduler half reports a save as vLLM KV events naming the widest tier; through
     vLLM's wire format they land in the gateway's index, crediting every instance that can
     load from that tier (another instance on the host for disk, any for Redis)."""
-    import msgspec
-    from vllm.distributed.kv_events import KVEventBatch
-    from vllm.v1.request import RequestStatus
-
-    from disagg.scheduler.hashing import external
-    from disagg.scheduler.kv_events import _decoder, apply_batch, drop_instance
-    from disagg.scheduler.kv_index import PrefixIndex
-    from disagg.transfer.scheduler_side import DisaggScheduler
-    from disagg.transfer.store.holders import loadable_by
-
-    settings = ConnectorSettings(side_channel_host="10.0.0.5",
-                                 store=StoreSettings(chunk_tokens=CHUNK, **store))
-    sched = DisaggScheduler(settings, "e1", BLOCK)
+    config = connector_config(side_channel_host="10.0.0.5",
+                              store=StoreConfig(chunk_tokens=CHUNK, **store))
+    sched = ConnectorScheduler(config, "e1", BLOCK)
     digests = [bytes([i]) * 32 for i in range(len(PROMPT) // BLOCK)]
     req = type("Req", (), dict(
         request_id="r", status=RequestStatus.FINISHED_STOPPED, prompt_token_ids=list(PROMPT),
@@ -175,4 +174,37 @@ def test_saves_reach_the_gateway_index_as_store_events(store, medium, other_sees
     drop_instance(index, "e1")  # a restart loses e1's own CPU tier, not the shared ones
     assert index.match("e2", hashes, also=loadable_by("e2", "10.0.0.5")) == (
         10 if other_sees else 0)
-    assert index.stats().per_instance.get("store:cpu@e1", 0) == 0
+    assert index.stats().per_holder.get("store:cpu@e1", 0) == 0
+
+
+def _request(**fields):
+    """A stand-in for vLLM's Request with the fields the scheduler half reads."""
+    base = dict(request_id="r", status=RequestStatus.FINISHED_STOPPED,
+                prompt_token_ids=list(PROMPT), num_prompt_tokens=len(PROMPT),
+                num_computed_tokens=len(PROMPT), block_hashes=[], kv_transfer_params=None)
+    return type("Req", (), {**base, **fields})()
+
+
+def test_params_from_another_protocol_version_fall_back_to_local_prefill():
+    sched = ConnectorScheduler(connector_config(), "d1", BLOCK)
+    params = KVTransferParams(remote_engine_id="p1", remote_request_id="pr",
+                              remote_host="127.0.0.1", remote_port=1,
+                              remote_block_ids=list(range(12)),
+                              remote_num_tokens=len(PROMPT)).model_dump()
+    assert sched.num_new_matched_tokens(_request(kv_transfer_params=params), 0) == (
+        len(PROMPT), True)
+    params["protocol_version"] = PROTOCOL_VERSION + 1
+    assert sched.num_new_matched_tokens(_request(kv_transfer_params=params), 0) == (0, False)
+
+
+def test_a_disabled_store_is_no_store(tmp_path):
+    sched = ConnectorScheduler(
+        connector_config(store=StoreConfig(enabled=False, disk_path=str(tmp_path))), "e1", BLOCK)
+    assert sched.store is None and sched.chunk_tokens == 0
+    assert sched.request_finished(_request(), list(range(12))) == (False, None)
+    assert sched.take_events() == []
+    w, _ = _worker("w-off", False, {"enabled": False, "disk_path": str(tmp_path)})
+    try:
+        assert w.store is None and "store" not in w.loaders
+    finally:
+        w.close()

@@ -6,9 +6,10 @@ import threading
 
 import pytest
 
-from disagg.transfer.store import CpuBackend, DiskBackend, FakeBackend, TieredStore
+from disagg.transfer.store import CpuBackend, DiskBackend, TieredStore
 from disagg.transfer.store.disk import HEADER
 from disagg.transfer.store.keys import ChunkKey
+from tests.support.fake_backend import FakeBackend
 
 SIZE = 1000
 

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from disagg.config import Topology
 from disagg.launch.placement import assign_cores
-from disagg.launch.topology import Topology, TopologyError, load_topology, parse_topology
+from disagg.launch.topology import TopologyError, load_topology, parse_topology
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -6,10 +6,11 @@ import time
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from disagg.transfer import control
-from disagg.transfer.endpoint import KVEndpoint
-from disagg.transfer.protocol import (
+from disagg.transfer.control import channel
+from disagg.transfer.control.messages import (
+    PROTOCOL_VERSION,
     AbortNotice,
     Compat,
     HandshakeReply,
@@ -17,6 +18,7 @@ from disagg.transfer.protocol import (
     KVTransferParams,
     decode_message,
 )
+from disagg.transfer.nixl.endpoint import KVEndpoint
 
 NB = 32
 
@@ -79,30 +81,30 @@ def test_side_channel_handshake_and_compat_check():
         return HandshakeReply(engine_id="p", agent_name="a", agent_metadata=b"\x00\x01",
                               planes=[])
 
-    server = control.SideChannelServer("127.0.0.1", 0, handler)
+    server = channel.SideChannelServer("127.0.0.1", 0, handler)
     try:
-        reply = control.handshake("127.0.0.1", server.port,
+        reply = channel.handshake("127.0.0.1", server.port,
                                   HandshakeRequest(engine_id="d", compat=ours), 5)
         assert reply.agent_metadata == b"\x00\x01"
         bad = HandshakeRequest(engine_id="d", compat=_compat(dtype="float16"))
-        with pytest.raises(control.ControlError, match="dtype"):
-            control.handshake("127.0.0.1", server.port, bad, 5)
+        with pytest.raises(channel.ControlError, match="dtype"):
+            channel.handshake("127.0.0.1", server.port, bad, 5)
         # The server survives a garbage message and keeps answering.
-        with pytest.raises(control.ControlError, match="unknown message kind"):
-            control.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"])
+        with pytest.raises(channel.ControlError, match="unknown message kind"):
+            channel.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"])
                             .model_copy(update={"kind": "nope"}), 5)
-        control.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"]), 5)
+        channel.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"]), 5)
     finally:
         server.close()
 
 
 def test_handshake_with_absent_peer_times_out():
-    port = control.SideChannelServer("127.0.0.1", 0, lambda raw: None)
+    port = channel.SideChannelServer("127.0.0.1", 0, lambda raw: None)
     dead = port.port
     port.close()
     t0 = time.monotonic()
-    with pytest.raises(control.ControlError, match="no reply"):
-        control.handshake("127.0.0.1", dead, HandshakeRequest(engine_id="d",
+    with pytest.raises(channel.ControlError, match="no reply"):
+        channel.handshake("127.0.0.1", dead, HandshakeRequest(engine_id="d",
                           compat=_compat()), 0.5)
     assert time.monotonic() - t0 < 3
 
@@ -114,3 +116,15 @@ def test_transfer_params_ignore_vllm_annotations_but_check_ours():
     assert KVTransferParams.parse(params).remote_block_ids == [1, 2]
     with pytest.raises(ValueError):
         KVTransferParams.parse({**params, "remote_port": "x"})
+
+
+def test_transfer_params_from_another_protocol_version_are_refused():
+    params = {"remote_engine_id": "p", "remote_request_id": "r", "remote_host": "h",
+              "remote_port": 1, "remote_block_ids": [1, 2], "remote_num_tokens": 200}
+    assert KVTransferParams.parse(params).protocol_version == PROTOCOL_VERSION  # default
+    ok = {**params, "protocol_version": PROTOCOL_VERSION}
+    assert KVTransferParams.parse(ok).protocol_version == PROTOCOL_VERSION
+    other = PROTOCOL_VERSION + 1
+    with pytest.raises(ValidationError,
+                       match=f"protocol version {other}, ours is {PROTOCOL_VERSION}"):
+        KVTransferParams.parse({**params, "protocol_version": other})

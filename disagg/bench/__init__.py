@@ -8,5 +8,7 @@ Module map:
 - ``loadgen``: open loop (Poisson at a QPS) and closed loop (fixed concurrency).
 - ``metrics``: mean/p50/p90/p99, throughput, goodput at TTFT/ITL SLOs.
 - ``runner``: one run end to end and its JSON report; ``cli``: the ``bench`` subcommand.
-- ``fake_server``: a fake OpenAI streaming server with injected delays, for tests.
+
+Test doubles (the fake OpenAI streaming server) live in ``tests/support/``, the comparison
+scripts and their plots in ``benchmarks/``: neither is part of the installed package.
 """

@@ -15,6 +15,7 @@ from dataclasses import replace
 from disagg.bench.client import EndpointConfig
 from disagg.bench.loadgen import LoadConfig
 from disagg.bench.metrics import Slo
+from disagg.bench.records import Api
 from disagg.bench.runner import (
     load_tokenizer,
     print_summary,
@@ -100,7 +101,7 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``bench`` on an ``argparse`` subparsers object; returns its parser."""
     p = subparsers.add_parser(
         "bench",
@@ -126,9 +127,9 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     add_load_arguments(p)
 
 
-def resolve_api(args: argparse.Namespace, tok: PromptTokenizer) -> str:
+def resolve_api(args: argparse.Namespace, tok: PromptTokenizer) -> Api:
     """The endpoint to use: ``--api``, or for ``auto`` chat only for sharegpt with a template."""
-    if args.api != "auto":
+    if args.api in ("completions", "chat"):
         return args.api
     return "chat" if args.workload == "sharegpt" and tok.has_chat_template else "completions"
 

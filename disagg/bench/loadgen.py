@@ -85,7 +85,8 @@ def check_dependencies(specs: Sequence[RequestSpec]) -> None:
 class _Run:
     """State shared by the tasks of one run."""
 
-    def __init__(self, specs: Sequence[RequestSpec], endpoint: EndpointConfig, progress) -> None:
+    def __init__(self, specs: Sequence[RequestSpec], endpoint: EndpointConfig,
+                 progress: Progress | None) -> None:
         self.specs = specs
         self.endpoint = endpoint
         self.finished = {s.request_id: asyncio.Event() for s in specs}
@@ -105,7 +106,8 @@ class _Run:
         self.finished[spec.request_id].set()
         self.failed += not result.ok
         if self.progress is not None:
-            self.progress.update(0, advance=1, failed=self.failed)
+            task = self.progress.task_ids[0]  # the bar's only task
+            self.progress.update(task, advance=1, failed=self.failed)
 
 
 async def _closed_loop(run: _Run, client: httpx.AsyncClient, concurrency: int) -> None:

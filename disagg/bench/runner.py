@@ -17,6 +17,7 @@ from disagg.bench.metrics import Slo, Stats, Summary, summarize
 from disagg.bench.records import RequestResult
 from disagg.bench.tokenizer import HfTokenizer
 from disagg.bench.workloads import Workload
+from disagg.models import BUILTIN_MODELS, prepare_model
 
 
 class ServedModel(BaseModel):
@@ -52,11 +53,8 @@ def resolve_tokenizer_path(name: str | None, models: list[ServedModel]) -> Path:
     """
     if name and Path(name).is_dir():
         return Path(name)
-    if name:
-        from disagg.models import BUILTIN_MODELS, prepare_model
-
-        if name in BUILTIN_MODELS:
-            return prepare_model(name)
+    if name and name in BUILTIN_MODELS:
+        return prepare_model(name)
     for model in models:
         if model.root and Path(model.root).is_dir():
             return Path(model.root)

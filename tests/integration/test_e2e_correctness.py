@@ -10,7 +10,8 @@ token vLLM always recomputes per request.
 from __future__ import annotations
 
 import pytest
-from helpers import complete, plain_vllm, scrape, token_prompts
+
+from tests.integration.helpers import complete, plain_vllm, scrape, token_prompts
 
 pytestmark = pytest.mark.integration
 

@@ -57,7 +57,7 @@ class ClosedLoop:
 
 
 def _routed(url: str, key: str) -> float:
-    from helpers import scrape
+    from tests.integration.helpers import scrape
 
     return scrape(url, "disagg_instance_requests", instance=key)
 
@@ -98,7 +98,7 @@ def test_scale_up_and_down_under_load_loses_nothing():
             time.sleep(1)
         # Through the gateway's admin endpoint, as an operator would: drain the newest
         # decoder and the only prefill (every request then prefills on its decoder).
-        out = subprocess.run([sys.executable, "-m", "disagg.cli", "scale", "--url", dep.url,
+        out = subprocess.run([sys.executable, "-m", "disagg.launch.cli", "scale", "--url", dep.url,
                               "--api-key", "k", "--decode", "1", "--prefill", "0"],
                              capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stderr

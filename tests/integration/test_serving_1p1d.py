@@ -12,9 +12,9 @@ import httpx
 import psutil
 import pytest
 import ray
-from helpers import scrape
 
 from disagg.scheduler.hashing import external_block_hashes
+from tests.integration.helpers import scrape
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def dep():
 
 def _tree_pids(d) -> list[int]:
     pids = []
-    for member in d._gateway.pool.members.values():
+    for member in d.gateway.pool.members.values():
         root = psutil.Process(member.info.pid)
         pids += [root.pid] + [c.pid for c in root.children(recursive=True)]
     for info in d.instances.values():  # the first incarnations are gone or going
@@ -130,8 +130,8 @@ def test_idle_instance_uses_under_5_percent_of_a_core(dep):
     window = 10.0
     time.sleep(window)
     used = {p.pid: sum(p.cpu_times()[:2]) - before[p.pid] for p in procs}
-    per_instance = sum(used.values()) / len(dep.instances) / window
-    assert per_instance < 0.05, f"idle instance uses {per_instance:.1%} of a core: {used}"
+    per_holder = sum(used.values()) / len(dep.instances) / window
+    assert per_holder < 0.05, f"idle instance uses {per_holder:.1%} of a core: {used}"
 
 
 # ---- conditional disaggregation and the prefix index (decider at its default threshold) ---
@@ -144,7 +144,7 @@ def conditional(dep):
     conditional-disaggregation threshold instead."""
     from disagg.scheduler.decider import PrefillDecider
 
-    gw = dep._gateway
+    gw = dep.gateway
     old, gw.decider = gw.decider, PrefillDecider(THRESHOLD)
     yield dep
     gw.decider = old
@@ -176,7 +176,7 @@ def test_gateway_hashes_agree_with_instance_events(conditional):
     dep = conditional
     """Random prompts of every request shape: each full block the gateway hashes is one
     the instance that computed it reported in its KV events."""
-    gw = dep._gateway
+    gw = dep.gateway
     rng = random.Random(11)
     words = ["cache", "prefill", "decode", "block", "token", "hash", "GPU", "Ray", "é", "的"]
     cases = []
@@ -217,7 +217,7 @@ def test_short_and_cached_prompts_skip_the_prefill_hop(conditional):
     _wait_for(lambda: scrape(dec.url, "vllm:disagg_kv_transfers_received") >= pulls0 + 1,
               "the decoder pulled no KV")
     # The decoder now holds the document's blocks (it loaded them); wait for its events.
-    gw = dep._gateway
+    gw = dep.gateway
     doc_hashes = external_block_hashes(doc, gw.block_size)
     _wait_for(lambda: gw.index.match(dec.engine_id, doc_hashes) == len(doc_hashes),
               "decoder's loaded blocks not in the index")
@@ -243,7 +243,7 @@ def _generate(d, i: int) -> list[int]:
 def test_killing_the_prefill_actor_loses_no_request(dep):
     expected = [_generate(dep, i) for i in range(8)]
     dec = next(i.url for i in dep.instances.values() if i.role == "decode")
-    held = dep._gateway.index.stats().per_instance  # from the prefill engine's KV events
+    held = dep.gateway.index.stats().per_holder  # from the prefill engine's KV events
     assert held.get(dep.instances["prefill-0"].engine_id, 0) > 0, held
     with cf.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(_generate, dep, i) for i in range(8)]
@@ -253,7 +253,7 @@ def test_killing_the_prefill_actor_loses_no_request(dep):
     assert got == expected
     # The pool recovers: the restarted prefill serves again and the decoder pulls from it.
     old = dep.instances["prefill-0"].engine_id
-    index = dep._gateway.index
+    index = dep.gateway.index
     deadline = time.monotonic() + 600
     while True:
         pre = next(i for i in dep.status()["instances"] if i["role"] == "prefill")
@@ -262,7 +262,7 @@ def test_killing_the_prefill_actor_loses_no_request(dep):
         assert time.monotonic() < deadline, dep.status()
         time.sleep(2)
     # The dead engine's prefix-index entries went with it.
-    assert index.stats().per_instance.get(old, 0) == 0, index.stats()
+    assert index.stats().per_holder.get(old, 0) == 0, index.stats()
     pulls = scrape(dec, "vllm:disagg_kv_transfers_received")
     assert [_generate(dep, 8 + i) for i in range(3)]
     deadline = time.monotonic() + 30  # vLLM publishes connector stats on its next log tick

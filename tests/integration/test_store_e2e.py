@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 import ray
-from helpers import complete, scrape, token_prompts
+
+from tests.integration.helpers import complete, scrape, token_prompts
 
 pytestmark = pytest.mark.integration
 

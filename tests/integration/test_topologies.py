@@ -6,7 +6,8 @@ import asyncio
 
 import httpx
 import pytest
-from helpers import scrape
+
+from tests.integration.helpers import scrape
 
 pytestmark = pytest.mark.integration
 

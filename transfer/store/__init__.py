@@ -1,22 +1,24 @@
-"""The KV store: chunk keys, storage tiers behind one interface, and their tiered stack.
+"""The KV store: chunk keys, storage tiers behind one interface, their tiered stack, and the
+connector's I/O against it.
 
     keys.py     ChunkKey, KVFingerprint, chunk_keys(): deterministic chained chunk hashes
     backend.py  StoreBackend: the interface every tier implements (contracts in its docstring)
     cpu.py      CpuBackend: in-memory LRU under a byte cap
     disk.py     DiskBackend: checksummed files, atomic writes, index rebuilt on restart
-    fake.py     FakeBackend: CpuBackend with failure and latency injection, for tests
     redis.py    RedisBackend: one LRU in Redis shared by every instance; atomic Lua scripts
-    redis_server.py  local_redis(): a throwaway redis-server for tests
     tiered.py   TieredStore: lookup down the tiers, promotion, background write-through
-    holders.py  the names the gateway's prefix index gives store tiers (``store:redis``...)
+    io.py       the worker half's chunk I/O: build_store(StoreConfig), ChunkCodec,
+                StoreLoader, StoreSaver (imports torch and the kernels: not re-exported here)
+    lookup.py   LookupServer / LookupClient: the scheduler half asks what the store holds
 
-Tiers are chosen by name through ``BACKENDS`` (config passes the name and its arguments).
+``BACKENDS`` names every tier class; ``io.build_store`` stacks the tiers a ``StoreConfig``
+names. The names the gateway's prefix index gives store tiers (``store:redis``...) live in
+``disagg.tiers``; the test doubles (FakeBackend, local_redis) in ``tests/support``.
 """
 
 from .backend import StoreBackend
 from .cpu import CpuBackend
 from .disk import DiskBackend
-from .fake import FakeBackend
 from .keys import (
     DEFAULT_CHUNK_TOKENS,
     ChunkKey,
@@ -39,7 +41,6 @@ __all__ = [
     "ChunkKey",
     "CpuBackend",
     "DiskBackend",
-    "FakeBackend",
     "KVFingerprint",
     "RedisBackend",
     "StoreBackend",

@@ -280,7 +280,7 @@ class DiskBackend(StoreBackend):
                 os.replace(tmp, target)
                 committed = True
                 led.used -= replaced  # ours wins; its space was reserved as ours was
-                os.pwrite(self._fd, RECORD.pack(stamp, key.digest), led.end)
+                os.pwrite(self._locked_fd, RECORD.pack(stamp, key.digest), led.end)
                 led.end += RECORD.size
         except BaseException:
             if not committed:
@@ -388,7 +388,7 @@ class DiskBackend(StoreBackend):
             self._rescan(led)
             return
         if led.end > self._offset:
-            raw = os.pread(self._fd, led.end - self._offset, self._offset)
+            raw = os.pread(self._locked_fd, led.end - self._offset, self._offset)
             with self._lock:
                 for stamp, digest in RECORD.iter_unpack(raw[: len(raw) // RECORD.size
                                                            * RECORD.size]):
@@ -403,7 +403,7 @@ class DiskBackend(StoreBackend):
             led.epoch += 1
             led.end = self._offset = LEDGER.size
             self._epoch = led.epoch
-            os.ftruncate(self._fd, LEDGER.size)
+            os.ftruncate(self._locked_fd, LEDGER.size)
 
     def _rescan(self, led: _Ledger) -> None:
         """Rebuild the index and ``led.used`` from the directory. Caller holds the flock."""
@@ -421,6 +421,13 @@ class DiskBackend(StoreBackend):
         self._scanned_at = time.monotonic()
 
     # -- the ledger and the sharers --------------------------------------------------------
+
+    @property
+    def _locked_fd(self) -> int:
+        """``.lock``'s descriptor, for code running under ``_dir_lock`` (which ``close``
+        also takes) after ``_exclusive`` or ``__init__`` found it open."""
+        assert self._fd is not None, f"DiskBackend({self.path}) is closed"
+        return self._fd
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[_Ledger]:
@@ -450,7 +457,7 @@ class DiskBackend(StoreBackend):
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _read_ledger(self) -> _Ledger | None:
-        raw = os.pread(self._fd, LEDGER.size, 0)
+        raw = os.pread(self._locked_fd, LEDGER.size, 0)
         if len(raw) != LEDGER.size:
             return None
         magic, version, _, epoch, used, cap, clock, end = LEDGER.unpack(raw)

@@ -35,6 +35,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterator
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -222,7 +223,8 @@ class RedisBackend(StoreBackend):
 
     def keys(self) -> list[ChunkKey]:
         with self._errors("keys"):
-            members = self._client.zrange(self._keys[0], 0, -1)
+            # bytes: the client does not decode responses
+            members = cast(list[bytes], self._client.zrange(self._keys[0], 0, -1))
         return [ChunkKey.from_hex(m.decode()) for m in members]
 
     def check_integrity(self) -> None:
@@ -242,7 +244,7 @@ class RedisBackend(StoreBackend):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _run(self, script: str, *args):
+    def _run(self, script: str, *args: bytes | str | int) -> Any:
         with self._errors(script):
             return self._scripts[script](keys=self._keys, args=[self._vprefix, *args])
 

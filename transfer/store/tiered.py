@@ -123,9 +123,10 @@ class TieredStore:
                 self._count(i, errors=1)
                 data = None
             hit = data is not None
-            self._count(i, loads=1, load_hits=int(hit), load_bytes=len(data) if hit else 0,
+            self._count(i, loads=1, load_hits=int(hit),
+                        load_bytes=len(data) if data is not None else 0,
                         load_seconds=time.perf_counter() - start)
-            if hit:
+            if data is not None:
                 if i > 0:
                     self._promote(key, data, i)
                 return data
@@ -170,7 +171,7 @@ class TieredStore:
     def __enter__(self) -> TieredStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def stats(self) -> StoreStats:

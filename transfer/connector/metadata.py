@@ -1,4 +1,5 @@
-"""Per-step orders from the connector's scheduler side to its workers (hot path: dataclasses)."""
+"""Per-step orders from the connector's scheduler half to its worker halves (hot path:
+dataclasses)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class RecvOrder:
     remote_request_id: str
     local_block_ids: tuple[int, ...]
     remote_block_ids: tuple[int, ...]
-    source: str = "peer"  # which KVLoader fills the blocks (transfer/loaders.py)
+    source: str = "peer"  # which KVLoader fills the blocks (loaders.py)
     # With a KV store: the prompt's token ids up to the last block loaded, and the index
     # of the first loaded block within the prompt, so a failed pull can fall back to the
     # store for the same blocks.

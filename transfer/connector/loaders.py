@@ -1,9 +1,9 @@
 """Where a decoder's missing blocks come from: the seam between the connector and its sources.
 
 A ``KVLoader`` fills local blocks named by ``RecvOrder``s, asynchronously, and is polled once
-per engine step. The connector's worker routes each order to the loader named by its
+per engine step. The connector's worker half routes each order to the loader named by its
 ``source``: ``PeerLoader`` here (NIXL READs from the prefill instance) and ``StoreLoader``
-(``store_io.py``: the CPU/disk/Redis tiers). A failed peer pull is retried against the
+(``disagg.transfer.store.io``: the CPU/disk/Redis tiers). A failed peer pull is retried against the
 store before vLLM recomputes what is still missing.
 """
 
@@ -15,14 +15,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from disagg.transfer import control
-from disagg.transfer.endpoint import KVEndpoint, Read
-from disagg.transfer.metadata import PeerAddress, RecvOrder, StoreLoadOrder
-from disagg.transfer.protocol import Compat, HandshakeReply, HandshakeRequest
-from disagg.transfer.stats import TransferStats
+from disagg.transfer.connector.metadata import PeerAddress, RecvOrder, StoreLoadOrder
+from disagg.transfer.connector.stats import TransferStats
+from disagg.transfer.control import channel
+from disagg.transfer.control.messages import Compat, HandshakeReply, HandshakeRequest
+from disagg.transfer.nixl.endpoint import KVEndpoint, Read
 
 logger = logging.getLogger(__name__)
+
+OrderT = TypeVar("OrderT", bound=RecvOrder | StoreLoadOrder)
 
 
 @dataclass(slots=True)
@@ -33,13 +36,13 @@ class LoadResult:
     loaded_blocks: int = 0  # on failure: leading blocks that did load (kept, not recomputed)
 
 
-class KVLoader(ABC):
-    """Fills local KV blocks for orders; never blocks the engine's step."""
+class KVLoader(ABC, Generic[OrderT]):
+    """Fills local KV blocks for orders (``OrderT``); never blocks the engine's step."""
 
     name: str
 
     @abstractmethod
-    def start(self, order: RecvOrder) -> None:
+    def start(self, order: OrderT) -> None:
         """Begin loading ``order``; called once per order, on the engine's thread."""
 
     @abstractmethod
@@ -59,7 +62,7 @@ class _Pull:
     handshake: Future | None = None
 
 
-class PeerLoader(KVLoader):
+class PeerLoader(KVLoader[RecvOrder]):
     """Pulls blocks from a prefill peer with NIXL READs, handshaking on first contact.
 
     All NIXL calls stay on the engine's thread; only the blocking side-channel handshake
@@ -101,7 +104,7 @@ class PeerLoader(KVLoader):
 
     def _handshake(self, addr: PeerAddress) -> HandshakeReply:
         req = HandshakeRequest(engine_id=self.engine_id, compat=self.compat)
-        return control.handshake(addr.host, addr.port + self.tp_rank, req,
+        return channel.handshake(addr.host, addr.port + self.tp_rank, req,
                                  self.handshake_timeout_s)
 
     def poll(self) -> list[LoadResult]:

@@ -1,11 +1,11 @@
-"""Worker side of the connector: serves its KV to decoders, pulls KV from prefills, and
-moves chunks in and out of the KV store.
+"""The connector's worker half, ``ConnectorWorker`` (one per vLLM worker process): serves its
+KV to decoders, pulls KV from prefills, and moves chunks in and out of the KV store.
 
 A decoder worker routes each load order to the loader named by its source (``loaders.py``:
-NIXL ``PeerLoader``; ``store_io.StoreLoader``). A request is reported received once all its
-orders finished. A failed peer pull sends an abort notice (the peer frees its copy at once)
-and is retried against the store; blocks still missing become load errors, which vLLM
-recomputes.
+NIXL ``PeerLoader``; ``disagg.transfer.store.io.StoreLoader``). A request is reported
+received once all its orders finished. A failed peer pull sends an abort notice (the peer
+frees its copy at once) and is retried against the store; blocks still missing become load
+errors, which vLLM recomputes.
 
 A finished request's blocks stay held while anything still reads them: a decoder's pull
 (until its READ notification names the request, an abort notice arrives, or the lease runs
@@ -19,22 +19,33 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from disagg.transfer import control
-from disagg.transfer.endpoint import KVEndpoint
-from disagg.transfer.loaders import KVLoader, LoadResult, PeerLoader
-from disagg.transfer.metadata import DisaggMetadata, RecvOrder, ReleaseOrder, StoreLoadOrder
-from disagg.transfer.protocol import (
+from disagg.config import ConnectorConfig, StoreConfig
+from disagg.transfer.connector.loaders import KVLoader, LoadResult, PeerLoader
+from disagg.transfer.connector.metadata import (
+    DisaggMetadata,
+    RecvOrder,
+    ReleaseOrder,
+    StoreLoadOrder,
+)
+from disagg.transfer.connector.stats import TIER_FIELDS, TransferStats
+from disagg.transfer.control import channel
+from disagg.transfer.control.messages import (
     PROTOCOL_VERSION,
     AbortNotice,
     Compat,
     HandshakeReply,
     decode_message,
 )
-from disagg.transfer.settings import ConnectorSettings
-from disagg.transfer.stats import TIER_FIELDS, TransferStats
+from disagg.transfer.nixl.endpoint import KVEndpoint
+from disagg.transfer.store import TieredStore
+from disagg.transfer.store.lookup import LookupServer
+
+if TYPE_CHECKING:
+    from disagg.transfer.store.io import StoreSaver
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +53,7 @@ logger = logging.getLogger(__name__)
 class _LockedStats:
     """What store threads count through: never into a TransferStats already handed over."""
 
-    def __init__(self, worker: DisaggWorker):
+    def __init__(self, worker: ConnectorWorker):
         self._w = worker
 
     def add(self, name: str, value: float = 1) -> None:
@@ -50,12 +61,15 @@ class _LockedStats:
             self._w.stats.add(name, value)
 
 
-class DisaggWorker:
+class ConnectorWorker:
     """One per vLLM worker process; owns a NIXL endpoint and a side-channel server."""
 
-    def __init__(self, settings: ConnectorSettings, engine_id: str, tp_rank: int, compat: Compat,
+    def __init__(self, config: ConnectorConfig, engine_id: str, tp_rank: int, compat: Compat,
                  model_id: str = ""):
-        self.s = settings
+        self.s = config
+        # A store section with ``enabled: false`` is no store.
+        self.store_config: StoreConfig | None = (
+            config.store if config.store is not None and config.store.enabled else None)
         self.engine_id = engine_id
         self.tp_rank = tp_rank
         self.compat = compat
@@ -63,18 +77,18 @@ class DisaggWorker:
         self.stats = TransferStats()
         self._stats_lock = threading.Lock()
         self._locked_stats = _LockedStats(self)
-        self._lookup = None
+        self._lookup: LookupServer | None = None
         self._tier_totals: dict[str, dict[str, float]] = {}
         self.endpoint: KVEndpoint | None = None
-        self._server: control.SideChannelServer | None = None
+        self._server: channel.SideChannelServer | None = None
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="disagg-hs")
-        self.loaders: dict[str, KVLoader] = {}  # by RecvOrder.source
+        self.loaders: dict[str, KVLoader[Any]] = {}  # by RecvOrder.source
         self._load_errors: set[int] = set()
         self._pending: dict[str, int] = {}  # request id -> load orders not finished yet
         self._sends: dict[str, float] = {}  # request id -> lease deadline
         self._holds: dict[str, set[str]] = {}  # request id -> {"peer", "save"} still reading
-        self.store = None  # TieredStore, when the settings name one (``attach_store``)
-        self.saver = None
+        self.store: TieredStore | None = None  # when the config names one (``_attach_store``)
+        self.saver: StoreSaver | None = None
         self._store_pool: ThreadPoolExecutor | None = None
         self._early_done: set[str] = set()  # notified before the send order arrived
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -84,53 +98,53 @@ class DisaggWorker:
         """Register KV memory with NIXL and open the side channel (port + tp_rank)."""
         tensors = list(kv_caches.values())
         name = f"{self.engine_id}-tp{self.tp_rank}"
-        self.endpoint = KVEndpoint(name, tensors, num_blocks, self.s.backends)
+        tc = self.s.transfer
+        self.endpoint = KVEndpoint(name, tensors, num_blocks, tc.backends)
         self.loaders["peer"] = PeerLoader(
             self.endpoint, self.engine_id, self.tp_rank, self.compat,
-            self.s.handshake_timeout_s, self.s.transfer_timeout_s, lambda: self.stats,
+            tc.handshake_timeout_s, tc.transfer_timeout_s, lambda: self.stats,
             self._pool)
-        if self.s.store is not None:
-            self._attach_store(tensors)
+        if self.store_config is not None:
+            self._attach_store(tensors, self.store_config)
         port = self.s.side_channel_port + self.tp_rank if self.s.side_channel_port else 0
-        self._server = control.SideChannelServer(
+        self._server = channel.SideChannelServer(
             self.s.side_channel_bind, port, self._on_message, name=f"disagg-sc-{name}"
         )
         logger.info("engine %s rank %d: %d KV planes registered, side channel %s:%d",
                     self.engine_id, self.tp_rank, len(self.endpoint.planes),
                     self.s.side_channel_host, self._server.port)
 
-    def _attach_store(self, tensors: list[torch.Tensor]) -> None:
+    def _attach_store(self, tensors: list[torch.Tensor], st: StoreConfig) -> None:
+        # Imported here: only a worker with a store needs the copy kernels (Triton on CUDA).
         from disagg.kernels import KVLayout
-        from disagg.transfer.store_io import (
+        from disagg.transfer.store.io import (
             ChunkCodec,
             StoreLoader,
             StoreSaver,
             build_store,
             fingerprint,
         )
-        from disagg.transfer.store_lookup import LookupServer
 
-        st = self.s.store
         layout = KVLayout.CUDA if tensors[0].is_cuda else KVLayout.CPU
         fp = fingerprint(self.compat, layout, self.tp_rank, self.model_id)
         codec = ChunkCodec(tensors, self.compat.block_size, st.chunk_tokens, fp)
-        self.store = build_store(st)
+        self.store = store = build_store(st)
         self._store_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="disagg-store")
         stats = lambda: self._locked_stats  # noqa: E731  # store threads count under a lock
-        self.loaders["store"] = StoreLoader(self.store, codec, stats, self._store_pool)
-        self.saver = StoreSaver(self.store, codec, stats, self._store_pool)
+        self.loaders["store"] = StoreLoader(store, codec, stats, self._store_pool)
+        self.saver = StoreSaver(store, codec, stats, self._store_pool)
         if self.tp_rank == 0:  # the scheduler asks rank 0 what the store holds
-            self._lookup = LookupServer(self.engine_id, self.store, codec.keys,
+            self._lookup = LookupServer(self.engine_id, store, codec.keys,
                                         self._count_lookup)
         logger.info("engine %s rank %d: KV store %s, %d-token chunks", self.engine_id,
-                    self.tp_rank, [t.name for t in self.store.tiers], codec.chunk_tokens)
+                    self.tp_rank, [t.name for t in store.tiers], codec.chunk_tokens)
 
     def _count_lookup(self, num_keys: int, hits: int) -> None:
         self._locked_stats.add("store_lookups")
         self._locked_stats.add("store_lookup_chunks", num_keys)
         self._locked_stats.add("store_hit_chunks", hits)
 
-    def _on_message(self, raw: bytes):
+    def _on_message(self, raw: bytes) -> HandshakeReply | AbortNotice:
         msg = decode_message(raw)
         if msg.version != PROTOCOL_VERSION:
             raise ValueError(f"protocol version {msg.version}, ours is {PROTOCOL_VERSION}")
@@ -159,7 +173,8 @@ class DisaggWorker:
             self._holds.setdefault(rid, set()).add("peer")
         for rel in meta.releases:
             self._pool.submit(self._send_abort, rel)
-        for order in [*meta.recvs, *meta.store_loads]:
+        orders: list[RecvOrder | StoreLoadOrder] = [*meta.recvs, *meta.store_loads]
+        for order in orders:
             self._pending[order.request_id] = self._pending.get(order.request_id, 0) + 1
             self.loaders[order.source].start(order)
         for save in meta.store_saves:
@@ -170,10 +185,10 @@ class DisaggWorker:
 
     def _send_abort(self, rel: ReleaseOrder) -> None:
         try:
-            control.request(rel.peer.host, rel.peer.port + self.tp_rank,
+            channel.request(rel.peer.host, rel.peer.port + self.tp_rank,
                             AbortNotice(request_ids=[rel.remote_request_id]),
-                            self.s.handshake_timeout_s)
-        except control.ControlError as exc:  # the peer's lease frees the blocks anyway
+                            self.s.transfer.handshake_timeout_s)
+        except channel.ControlError as exc:  # the peer's lease frees the blocks anyway
             logger.warning("abort notice for %s to %s failed: %s",
                            rel.remote_request_id, rel.peer.engine_id, exc)
 
@@ -260,12 +275,12 @@ class DisaggWorker:
         with self._stats_lock:
             out, self.stats = self.stats, TransferStats()
         if self.store is not None:
-            self._add_tier_deltas(out)
+            self._add_tier_deltas(out, self.store)
         return None if out.is_empty() else out
 
-    def _add_tier_deltas(self, out: TransferStats) -> None:
+    def _add_tier_deltas(self, out: TransferStats, store: TieredStore) -> None:
         """Per-tier counters: the store keeps running totals; vLLM wants increments."""
-        for tier in self.store.stats().tiers:
+        for tier in store.stats().tiers:
             prev = self._tier_totals.get(tier.name, {})
             now = {f: getattr(tier, f) for f in TIER_FIELDS}
             for f, v in now.items():

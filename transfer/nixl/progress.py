@@ -16,12 +16,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nixl._api import nixl_agent
 
 logger = logging.getLogger(__name__)
 
 
 class ProgressDriver:
-    def __init__(self, agent, interval_s: float = 0.0005, name: str = "nixl-progress"):
+    def __init__(self, agent: nixl_agent, interval_s: float = 0.0005,
+                 name: str = "nixl-progress"):
         self._agent = agent
         self._interval = interval_s
         self._cv = threading.Condition()

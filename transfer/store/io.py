@@ -1,4 +1,4 @@
-"""The worker's side of the KV store: chunks in and out of vLLM's paged KV cache.
+"""Store I/O for the connector's worker half: chunks in and out of vLLM's paged KV cache.
 
     save (finished request):  blocks --gather--> chunk bytes --put--> CPU tier --> disk/Redis
     load (WAITING_FOR_REMOTE_KVS request):  store --get--> chunk bytes --scatter--> blocks
@@ -18,20 +18,23 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
+from disagg.config import StoreConfig
 from disagg.kernels import KVLayout, gather_blocks, scatter_blocks
 from disagg.kernels.geometry import bits, geometry
-from disagg.transfer.loaders import KVLoader, LoadResult
-from disagg.transfer.metadata import StoreLoadOrder, StoreSaveOrder
-from disagg.transfer.protocol import Compat
-from disagg.transfer.settings import StoreSettings
-from disagg.transfer.stats import TransferStats
+from disagg.transfer.connector.loaders import KVLoader, LoadResult
+from disagg.transfer.connector.metadata import StoreLoadOrder, StoreSaveOrder
+from disagg.transfer.connector.stats import StatsSink
+from disagg.transfer.control.messages import Compat
 from disagg.transfer.store import (
-    BACKENDS,
     ChunkKey,
+    CpuBackend,
+    DiskBackend,
     KVFingerprint,
+    RedisBackend,
     StoreBackend,
     TieredStore,
     chunk_keys,
@@ -51,13 +54,13 @@ def fingerprint(compat: Compat, layout: KVLayout, tp_rank: int,
                          tp_size=compat.tp_size)
 
 
-def build_store(s: StoreSettings) -> TieredStore:
+def build_store(s: StoreConfig) -> TieredStore:
     """The tiers ``s`` names, fastest first."""
-    tiers: list[StoreBackend] = [BACKENDS["cpu"](s.cpu_bytes)]
-    if s.disk_path:
-        tiers.append(BACKENDS["disk"](s.disk_path, s.disk_bytes))
+    tiers: list[StoreBackend] = [CpuBackend(s.cpu_bytes)]
+    if s.disk_dir:
+        tiers.append(DiskBackend(s.disk_dir, s.disk_bytes))
     if s.redis_url:
-        tiers.append(BACKENDS["redis"](s.redis_bytes, url=s.redis_url,
+        tiers.append(RedisBackend(s.redis_bytes, url=s.redis_url,
                                        namespace=s.redis_namespace))
     return TieredStore(tiers)
 
@@ -101,30 +104,33 @@ class ChunkCodec:
         return g.num_layers * g.num_planes * self.blocks_per_chunk * g.block_elems * itemsize
 
 
+JobOrder = TypeVar("JobOrder", StoreLoadOrder, StoreSaveOrder)
+
+
 @dataclass(slots=True)
-class _Job:
-    order: StoreLoadOrder | StoreSaveOrder
+class _Job(Generic[JobOrder]):
+    order: JobOrder
     future: Future
     started: float
 
 
-class _StoreJobs:
+class _StoreJobs(Generic[JobOrder]):
     """Runs one job per request on ``pool`` (``_run``); subclasses poll ``_jobs``."""
 
     def __init__(self, store: TieredStore, codec: ChunkCodec,
-                 stats: Callable[[], TransferStats], pool: ThreadPoolExecutor):
+                 stats: Callable[[], StatsSink], pool: ThreadPoolExecutor):
         self.store, self.codec, self._stats, self._pool = store, codec, stats, pool
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, _Job[JobOrder]] = {}
 
-    def start(self, order: StoreLoadOrder | StoreSaveOrder) -> None:
+    def start(self, order: JobOrder) -> None:
         fut = self._pool.submit(self._run, order)
         self._jobs[order.request_id] = _Job(order, fut, time.monotonic())
 
-    def _run(self, order):
+    def _run(self, order: JobOrder) -> object:
         raise NotImplementedError
 
 
-class StoreLoader(_StoreJobs, KVLoader):
+class StoreLoader(_StoreJobs[StoreLoadOrder], KVLoader[StoreLoadOrder]):
     """Loads the store's chunks of a request's prompt into its new blocks (thread)."""
 
     name = "store"
@@ -168,7 +174,7 @@ class StoreLoader(_StoreJobs, KVLoader):
         return out
 
 
-class StoreSaver(_StoreJobs):
+class StoreSaver(_StoreJobs[StoreSaveOrder]):
     """Copies finished requests' full prompt chunks into the store (thread)."""
 
     def _run(self, order: StoreSaveOrder) -> None:

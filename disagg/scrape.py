@@ -1,7 +1,7 @@
 """Reading Prometheus counters from a running server (gateway or vLLM instance).
 
-Parsing is prometheus_client's; this module only sums samples by name and labels, so
-benchmarks and tests read ``disagg_*`` and ``vllm:*`` counters the same way.
+Parsing is prometheus_client's; this module only sums samples by name and labels, so the
+gateway's poll, benchmarks and tests read ``disagg_*`` and ``vllm:*`` counters the same way.
 """
 
 from __future__ import annotations
@@ -13,9 +13,14 @@ Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def series(url: str, prefix: str = "", timeout_s: float = 10.0) -> Series:
-    """Every sample under ``url/metrics`` whose name starts with ``prefix``, keyed by
-    (name without ``_total``, sorted labels). Created-time samples are left out."""
-    text = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s).text
+    """Every sample under ``url/metrics`` whose name starts with ``prefix`` (see ``parse``)."""
+    return parse(httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s).text, prefix)
+
+
+def parse(text: str, prefix: str = "") -> Series:
+    """Every sample in Prometheus ``text`` whose name starts with ``prefix``, keyed by
+    (name without ``_total``, sorted labels) and summed over duplicates. Created-time
+    samples are left out."""
     out: Series = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import zmq
 
-from disagg.transfer.protocol import ErrorReply, HandshakeReply, HandshakeRequest, _Msg
+from disagg.transfer.control.messages import ErrorReply, HandshakeReply, HandshakeRequest, _Msg
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class SideChannelServer:
     """ROUTER socket on ``tcp://host:port`` answering requests with ``handler``."""
 
     def __init__(self, host: str, port: int, handler: Handler, name: str = "side-channel"):
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         if port:
@@ -65,7 +65,7 @@ class SideChannelServer:
 
 def request(host: str, port: int, msg: _Msg, timeout_s: float) -> bytes:
     """Send one message and return the raw reply; ControlError on timeout or refusal."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 
-from .backend import BytesLike
-from .cpu import CpuBackend
-from .keys import ChunkKey
+from disagg.transfer.store.backend import BytesLike
+from disagg.transfer.store.cpu import CpuBackend
+from disagg.transfer.store.keys import ChunkKey
 
 
 class FakeBackend(CpuBackend):

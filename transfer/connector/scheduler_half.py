@@ -1,4 +1,4 @@
-"""Scheduler side of the connector (runs in vLLM's EngineCore process).
+"""The connector's scheduler half, ``ConnectorScheduler`` (runs in vLLM's EngineCore process).
 
 Where a new request's prompt KV comes from, beyond vLLM's own prefix cache:
 
@@ -10,7 +10,8 @@ fills the rest; both asynchronously, and vLLM then recomputes the last prompt to
 Prefill: a finished ``do_remote_decode`` request keeps its blocks (delay-free) and answers
 ``kv_transfer_params`` naming this engine, its side channel and the block ids.
 With a store, every normally finished request also keeps its blocks until its full prompt
-chunks are copied into the store.
+chunks are copied into the store. The store is asked how much of a prompt it holds through
+``disagg.transfer.store.lookup`` (answered by the rank-0 worker half).
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+from vllm.distributed.kv_events import BlockStored
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+from vllm.v1.request import Request, RequestStatus
 
-from disagg.transfer.metadata import (
+from disagg.config import ConnectorConfig, StoreConfig
+from disagg.tiers import saved_medium
+from disagg.transfer.connector.metadata import (
     DisaggMetadata,
     PeerAddress,
     RecvOrder,
@@ -28,15 +34,12 @@ from disagg.transfer.metadata import (
     StoreLoadOrder,
     StoreSaveOrder,
 )
-from disagg.transfer.protocol import KVTransferParams
-from disagg.transfer.settings import ConnectorSettings
+from disagg.transfer.control.messages import KVTransferParams
 from disagg.transfer.store import chunk_tokens_for
-from disagg.transfer.store.holders import saved_medium
-from disagg.transfer.store_lookup import LookupClient
+from disagg.transfer.store.lookup import LookupClient
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
-    from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +56,31 @@ def _remote_params(request: Request) -> KVTransferParams | None:
         return None
 
 
-class DisaggScheduler:
-    def __init__(self, settings: ConnectorSettings, engine_id: str, block_size: int):
-        self.s = settings
+def _peer(params: KVTransferParams) -> PeerAddress:
+    return PeerAddress(params.remote_engine_id, params.remote_host, params.remote_port)
+
+
+class ConnectorScheduler:
+    def __init__(self, config: ConnectorConfig, engine_id: str, block_size: int):
+        self.s = config
         self.engine_id = engine_id
         self.block_size = block_size
         self._meta = DisaggMetadata()
         self._handled: set[str] = set()  # requests whose external load was planned
+        # A store section with ``enabled: false`` is no store.
+        self.store: StoreConfig | None = (
+            config.store if config.store is not None and config.store.enabled else None)
         self._lookup: LookupClient | None = None
         self.chunk_tokens = 0
-        if settings.store is not None:
-            self._lookup = LookupClient(engine_id, settings.store.lookup_timeout_s)
-            self.chunk_tokens = chunk_tokens_for(block_size, settings.store.chunk_tokens)
+        self._medium: str | None = None  # the store name our saves are reported under
+        if self.store is not None:
+            st = self.store
+            self._lookup = LookupClient(engine_id, st.lookup_timeout_s)
+            self.chunk_tokens = chunk_tokens_for(block_size, st.chunk_tokens)
+            self._medium = saved_medium(engine_id, config.side_channel_host,
+                                        disk=bool(st.disk_dir), redis=bool(st.redis_url))
         self._store_hits: dict[str, int] = {}  # request id -> leading chunks in the store
         self._events: list = []  # vLLM KV events reporting our saves (``take_events``)
-        st = settings.store
-        self._medium = st and saved_medium(engine_id, settings.side_channel_host,
-                                           disk=bool(st.disk_path), redis=bool(st.redis_url))
 
     # ---- loads ------------------------------------------------------------------------------
     def _store_end(self, request: Request) -> int:
@@ -101,13 +112,12 @@ class DisaggScheduler:
         if rid in self._handled:
             return
         params = _remote_params(request)
-        peer = params and PeerAddress(params.remote_engine_id, params.remote_host,
-                                      params.remote_port)
         if num_external == 0:
             self._store_hits.pop(rid, None)
             if params is not None:  # all in our own prefix cache: free the peer's copy
                 self._handled.add(rid)
-                self._meta.releases.append(ReleaseOrder(peer, params.remote_request_id))
+                self._meta.releases.append(ReleaseOrder(_peer(params),
+                                                        params.remote_request_id))
             return
         self._handled.add(rid)
         local = blocks.get_unhashed_block_ids_all_groups()[0]
@@ -122,6 +132,7 @@ class DisaggScheduler:
                 rid, tuple(local[:n_store]), tuple(prompt[:chunks * self.chunk_tokens]), skip))
         if params is None:
             return
+        peer = _peer(params)
         rest = local[n_store:]
         if not rest:
             self._meta.releases.append(ReleaseOrder(peer, params.remote_request_id))
@@ -145,15 +156,12 @@ class DisaggScheduler:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, Any]:
         """Hold a finished request's blocks while a decoder will read them (prefill) or the
         store copies them; returns (hold, kv_transfer_params for the client)."""
-        from vllm.v1.request import RequestStatus
-
         rid = request.request_id
         self._store_hits.pop(rid, None)
         params = _remote_params(request)
         if rid not in self._handled and params is not None:
             # A decoder request finished before its pull was planned: free the peer's copy.
-            peer = PeerAddress(params.remote_engine_id, params.remote_host, params.remote_port)
-            self._meta.releases.append(ReleaseOrder(peer, params.remote_request_id))
+            self._meta.releases.append(ReleaseOrder(_peer(params), params.remote_request_id))
         self._handled.discard(rid)
         if not block_ids or request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
                                                    RequestStatus.FINISHED_STOPPED):
@@ -161,7 +169,7 @@ class DisaggScheduler:
         saving = self._plan_save(request, block_ids)
         if not (request.kv_transfer_params or {}).get("do_remote_decode"):
             return saving, None
-        self._meta.sends[rid] = self.s.lease_s
+        self._meta.sends[rid] = self.s.transfer.lease_s
         out = KVTransferParams(
             remote_engine_id=self.engine_id, remote_request_id=rid,
             remote_host=self.s.side_channel_host, remote_port=self.s.side_channel_port,
@@ -170,7 +178,7 @@ class DisaggScheduler:
         return True, out.model_dump()
 
     def _plan_save(self, request: Request, block_ids: list[int]) -> bool:
-        if self._lookup is None or not self.s.store.save:
+        if self.store is None or not self.store.save:
             return False
         computed = min(request.num_prompt_tokens, request.num_computed_tokens)
         full = computed // self.chunk_tokens * self.chunk_tokens
@@ -186,9 +194,6 @@ class DisaggScheduler:
         """Publish the saved blocks (vLLM's hashes) as stored in the store tiers, so the
         gateway credits instances that can load them. Reported when the save is ordered: a
         request routed in the moment before it lands loads what is there, then recomputes."""
-        from vllm.distributed.kv_events import BlockStored
-        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
-
         hashes = request.block_hashes[:num_blocks]
         if len(hashes) < num_blocks:  # prefix caching off: vLLM computed no hashes
             return

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from disagg.transfer.layout import Plane, coalesce, descriptors, planes_of, storage_regions
-from disagg.transfer.progress import ProgressDriver
-from disagg.transfer.protocol import HandshakeReply, PlaneInfo
+from disagg.transfer.control.messages import HandshakeReply, PlaneInfo
+from disagg.transfer.nixl.layout import Plane, coalesce, descriptors, planes_of, storage_regions
+from disagg.transfer.nixl.progress import ProgressDriver
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,10 @@ class KVEndpoint:
         num_blocks: int,
         backends: Sequence[str] = ("UCX",),
     ):
-        from nixl._api import nixl_agent, nixl_agent_config
+        # Imported here: NIXL is heavy, and only a worker building an endpoint needs it.
+        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
         self.name = name
-        from nixl._api import nixl_thread_sync_t
-
         # STRICT: our progress thread and the engine's thread both call into the agent.
         cfg = nixl_agent_config(enable_prog_thread=False, backends=list(backends),
                                 sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)

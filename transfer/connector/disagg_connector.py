@@ -5,10 +5,11 @@ Register it with::
     --kv-transfer-config '{"kv_connector": "DisaggConnector",
                            "kv_connector_module_path": "disagg.transfer.connector",
                            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                           "kv_connector_extra_config": {"disagg": {...ConnectorSettings}}}'
+                           "kv_connector_extra_config": {"disagg": {...ConnectorConfig}}}'
 
 vLLM builds one instance per process and role; this class only routes each call to the
-scheduler-side (``DisaggScheduler``) or worker-side (``DisaggWorker``) object.
+scheduler half (``ConnectorScheduler``, scheduler_half.py) or the worker half
+(``ConnectorWorker``, worker_half.py). Its settings are ``disagg.config.ConnectorConfig``.
 Nothing is saved layer by layer: a prefill simply keeps its blocks until they are pulled,
 so ``save_kv_layer``/``wait_for_layer_load``/``wait_for_save`` have nothing to do.
 """
@@ -25,16 +26,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-from disagg.transfer.metadata import DisaggMetadata
-from disagg.transfer.protocol import Compat
-from disagg.transfer.scheduler_side import DisaggScheduler
-from disagg.transfer.settings import ConnectorSettings
-from disagg.transfer.stats import DisaggPromMetrics, TransferStats
-from disagg.transfer.worker import DisaggWorker
+from disagg.config import ConnectorConfig
+from disagg.transfer.connector.metadata import DisaggMetadata
+from disagg.transfer.connector.scheduler_half import ConnectorScheduler
+from disagg.transfer.connector.stats import DisaggPromMetrics, TransferStats
+from disagg.transfer.connector.worker_half import ConnectorWorker
+from disagg.transfer.control.messages import Compat
+from disagg.transfer.nixl.layout import planes_of
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import PromMetric, PromMetricT
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -49,55 +53,62 @@ class DisaggConnector(KVConnectorBase_V1):
                  kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config, role, kv_cache_config)
         kvt = vllm_config.kv_transfer_config
-        self.settings = ConnectorSettings.from_extra(kvt.kv_connector_extra_config)
+        self.config = ConnectorConfig.from_extra(kvt.kv_connector_extra_config)
         self.engine_id = str(kvt.engine_id)
         self._num_blocks = kv_cache_config.num_blocks if kv_cache_config else 0
-        self.scheduler: DisaggScheduler | None = None
-        self.worker: DisaggWorker | None = None
+        self.scheduler: ConnectorScheduler | None = None
+        self.worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = DisaggScheduler(
-                self.settings, self.engine_id, vllm_config.cache_config.block_size
+            self.scheduler = ConnectorScheduler(
+                self.config, self.engine_id, vllm_config.cache_config.block_size
             )
 
-    # ---- scheduler side -------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
-        return self.scheduler.num_new_matched_tokens(request, num_computed_tokens)
+    def _scheduler_half(self) -> ConnectorScheduler:
+        if self.scheduler is None:
+            raise RuntimeError("scheduler call on a DisaggConnector built for a worker")
+        return self.scheduler
+
+    def _worker_half(self) -> ConnectorWorker:
+        if self.worker is None:
+            raise RuntimeError("worker call on a DisaggConnector before register_kv_caches")
+        return self.worker
+
+    # ---- scheduler half -------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
+                                   ) -> tuple[int, bool]:
+        return self._scheduler_half().num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
-        self.scheduler.after_alloc(request, blocks, num_external_tokens)
+        self._scheduler_half().after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self.scheduler.build_meta()
+        return self._scheduler_half().build_meta()
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        return self.scheduler.request_finished(request, block_ids)
+        return self._scheduler_half().request_finished(request, block_ids)
 
     def take_events(self):
         """Our store saves as vLLM KV events (published with vLLM's own, see
-        ``disagg.transfer.store.holders``)."""
+        ``disagg.tiers``)."""
         return self.scheduler.take_events() if self.scheduler is not None else ()
 
-    # ---- worker side ----------------------------------------------------------------------
+    # ---- worker half ----------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
         tensors = list(kv_caches.values())
         num_blocks = self._num_blocks or tensors[0].shape[0]
         cfg = self._vllm_config
-        from disagg.transfer.layout import planes_of
-
         compat = Compat(
-            model=self.settings.model_name or str(cfg.model_config.model),
+            model=self.config.model_name or str(cfg.model_config.model),
             dtype=str(tensors[0].dtype).removeprefix("torch."),
             block_size=cfg.cache_config.block_size,
             num_layers=len(tensors),
             plane_bytes=[p.block_bytes for t in tensors for p in planes_of(t, num_blocks)],
             tp_size=cfg.parallel_config.tensor_parallel_size,
         )
-        self.worker = DisaggWorker(
-            self.settings, self.engine_id, get_tensor_model_parallel_rank(), compat,
+        self.worker = ConnectorWorker(
+            self.config, self.engine_id, get_tensor_model_parallel_rank(), compat,
             model_id=Path(str(cfg.model_config.model)).name,
         )
         self.worker.register(kv_caches, num_blocks)
@@ -105,7 +116,7 @@ class DisaggConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, DisaggMetadata)
-        self.worker.start(meta)
+        self._worker_half().start(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads finish before the request is scheduled (async mode)
@@ -133,8 +144,10 @@ class DisaggConnector(KVConnectorBase_V1):
         return TransferStats(data=dict(data)) if data else TransferStats()
 
     @classmethod
-    def build_prom_metrics(cls, vllm_config, metric_types, labelnames,
-                           per_engine_labelvalues) -> DisaggPromMetrics:
+    def build_prom_metrics(cls, vllm_config: VllmConfig,
+                           metric_types: dict[type[PromMetric], type[PromMetricT]],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]
+                           ) -> DisaggPromMetrics:
         return DisaggPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:

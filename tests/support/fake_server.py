@@ -14,7 +14,7 @@ In-process use (tests)::
     with FakeServer(FakeBehavior(ttft_s=0.2, itl_s=0.05)) as server:
         ...  # send requests to server.url
 
-As a process: ``python -m disagg.bench.fake_server --port 8123 --ttft 0.2 --itl 0.05``.
+As a process: ``python -m tests.support.fake_server --port 8123 --ttft 0.2 --itl 0.05``.
 """
 
 from __future__ import annotations

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
 
+import httpx
+
+from disagg.bench.cli import add_parser as add_bench
+from disagg.launch.topology import TopologyError, load_topology, parse_topology
+from disagg.models import cli_prepare
+
 
 def _serve(args: argparse.Namespace) -> int:
+    # Here, not at the top: Ray and the serving plane load in seconds, and only `serve`
+    # needs them.
     from disagg.launch.api import launch
-    from disagg.launch.topology import TopologyError, load_topology, parse_topology
 
     try:
         topo = load_topology(args.topology) if args.topology else parse_topology({})
@@ -39,10 +47,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    import json
-
-    import httpx
-
     body = {k: v for k, v in (("prefill", args.prefill), ("decode", args.decode))
             if v is not None}
     if not body:
@@ -65,7 +69,6 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
-    from disagg.models import cli_prepare
 
     return cli_prepare(args.name)
 
@@ -91,12 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp = msub.add_parser("prepare", help="build a built-in model; prints its path last")
     mp.add_argument("name")
     mp.set_defaults(func=_model_prepare)
-    try:
-        from disagg.bench.cli import add_parser as add_bench
-    except ImportError:  # the benchmark extras may be absent
-        add_bench = None
-    if add_bench is not None:
-        add_bench(sub)
+    add_bench(sub)
     return p
 
 

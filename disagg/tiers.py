@@ -1,4 +1,6 @@
-"""Names under which the gateway's prefix index records what the KV store holds.
+"""Names under which the gateway's prefix index records what the KV store holds (a leaf
+module: the connector, the routing package and the gateway all use it, and it imports
+nothing).
 
 An instance saves a finished request's full prompt chunks into every tier it has (CPU, then
 written through to disk and Redis), so the widest tier decides who can load them back:

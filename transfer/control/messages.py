@@ -8,14 +8,17 @@ Control plane (ZMQ, between a decoder's worker and a prefill's worker):
       AbortNotice(request ids)          -->  (blocks freed early: the decoder gave up)
 
 Data plane: NIXL READs of block ranges named by ``KVTransferParams.block_ids``; the READ's
-notification carries the prefill-side request id, which frees its blocks.
+notification carries the prefill-side request id, which frees its blocks. Every message
+carries its ``PROTOCOL_VERSION``; a side channel refuses requests, and ``KVTransferParams.parse``
+params, of another version.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROTOCOL_VERSION = 1
 
@@ -99,23 +102,32 @@ class KVTransferParams(_Msg):
     remote_num_tokens: int
     protocol_version: int = PROTOCOL_VERSION
 
+    @field_validator("protocol_version")
+    @classmethod
+    def _same_protocol(cls, version: int) -> int:
+        if version != PROTOCOL_VERSION:
+            raise ValueError(f"kv_transfer_params protocol version {version}, ours is "
+                             f"{PROTOCOL_VERSION}")
+        return version
+
     @classmethod
     def parse(cls, data: dict) -> KVTransferParams:
         """Validate our fields; keys vLLM itself adds on the way (e.g. cached-token counts)
-        are annotations, not ours to reject."""
+        are annotations, not ours to reject. Params from a peer speaking another protocol
+        version raise ValidationError (the scheduler half then prefills locally)."""
         ours = {k: v for k, v in data.items() if k in cls.model_fields}
         return cls.model_validate(ours, strict=False)
 
 
 def decode_message(raw: bytes) -> HandshakeRequest | AbortNotice:
     """Parse a request arriving at a side channel; raise ValueError if it is not one."""
-    import json
-
     try:
         kind = json.loads(raw).get("kind")
     except (ValueError, AttributeError) as exc:
         raise ValueError(f"not a JSON object: {exc}") from None
-    model = {"handshake": HandshakeRequest, "abort": AbortNotice}.get(kind)
+    models: dict[str, type[HandshakeRequest] | type[AbortNotice]] = {
+        "handshake": HandshakeRequest, "abort": AbortNotice}
+    model = models.get(kind)
     if model is None:
         raise ValueError(f"unknown message kind {kind!r}")
     return model.model_validate_json(raw)

@@ -1,6 +1,6 @@
-"""How many leading chunks of a prompt the KV store holds: asked by the scheduler (EngineCore
-process), answered by the rank-0 worker that owns the store (its CPU tier is that process's
-memory).
+"""How many leading chunks of a prompt the KV store holds: asked by the connector's scheduler
+half (EngineCore process), answered by the rank-0 worker half that owns the store (its CPU
+tier is that process's memory).
 
     scheduler: LookupClient.lookup(prompt token ids) --REQ, ipc, timeout--> LookupServer
     worker thread: chunk keys (its own fingerprint) -> TieredStore.lookup_prefix -> count

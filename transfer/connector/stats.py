@@ -9,7 +9,7 @@ Workers accumulate ``TransferStats``; vLLM collects them each step
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
@@ -41,7 +41,7 @@ COUNTERS: dict[str, str] = {
     "store_save_seconds": "Seconds spent saving requests' chunks, order to completion.",
     "store_save_failures": "Saves that failed (the request's chunks were not stored).",
 }
-# Per-tier running totals of transfer.store.TierStats, exported as increments.
+# Per-tier running totals of disagg.transfer.store.TierStats, exported as increments.
 TIER_FIELDS = ("lookups", "hits", "load_hits", "load_bytes", "load_seconds", "saves",
                "saved_bytes", "save_seconds", "evicted_bytes", "errors")
 TIER_HELP = {"lookups": "keys looked up", "hits": "lookups this tier answered",
@@ -53,6 +53,12 @@ TIER_HELP = {"lookups": "keys looked up", "hits": "lookups this tier answered",
 for _tier in ("cpu", "disk", "redis"):
     for _f, _doc in TIER_HELP.items():
         COUNTERS[f"store_{_tier}_{_f}"] = f"KV store {_tier} tier: {_doc}."
+
+
+class StatsSink(Protocol):
+    """What counters are added to: a ``TransferStats``, or a lock around one."""
+
+    def add(self, name: str, value: float = 1) -> None: ...
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Test doubles and throwaway servers shared by tests (and benchmarks); never installed."""
