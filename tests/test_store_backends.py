@@ -852,7 +852,9 @@ def test_tiered_store_treats_unreachable_redis_as_miss_and_skipped_write(redis_u
         assert tiered.flush(timeout=30)
         assert tiered.get(key(1)) == value(1)  # from the CPU tier
         assert tiered.get(key(2)) is None  # the Redis tier's error reads as a miss
-        assert tiered.stats().tiers[1].errors == 2  # the write-through and the read
+        st = tiered.stats().tiers[1]
+        assert st.breaker_open == 1  # at construction: the tier is bypassed since
+        assert (st.skipped, st.errors) == (2, 0)  # the write-through and the read
 
 
 def test_local_redis_limits_memory_without_evicting(redis_url):

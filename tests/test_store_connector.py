@@ -31,7 +31,7 @@ from disagg.transfer.connector.scheduler_half import ConnectorScheduler
 from disagg.transfer.connector.worker_half import ConnectorWorker
 from disagg.transfer.control.messages import PROTOCOL_VERSION, Compat, KVTransferParams
 from disagg.transfer.store.lookup import LookupClient
-from tests.test_connector_worker import LAYERS, NB, _step_until, connector_config
+from tests.test_connector_worker import KEY, LAYERS, NB, _step_until, connector_config
 
 BLOCK, CHUNK = 16, 32  # two blocks per chunk
 PROMPT = tuple(range(1000, 1000 + 5 * CHUNK + 7))  # 5 full chunks and a tail
@@ -44,7 +44,8 @@ def _worker(name: str, fill: bool, store: dict, **fields):
                     plane_bytes=[caches[0][0].numel() * 2] * LAYERS)
     st = StoreConfig(chunk_tokens=CHUNK, cpu_gib=(1 << 22) / (1 << 30), lookup_timeout_s=2,
                      **store)
-    w = ConnectorWorker(connector_config(store=st, **fields), name, 0, compat, model_id="w1")
+    w = ConnectorWorker(connector_config(store=st, **fields), name, 0, compat, model_id="w1",
+                        channel_key=KEY)
     w.register({f"l{i}": t for i, t in enumerate(caches)}, NB)
     return w, caches
 

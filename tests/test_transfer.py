@@ -21,6 +21,7 @@ from disagg.transfer.control.messages import (
 from disagg.transfer.nixl.endpoint import KVEndpoint
 
 NB = 32
+KEY = b"test side-channel key, 32 bytes!"
 
 
 def _caches(dtype, fill: bool):
@@ -81,31 +82,35 @@ def test_side_channel_handshake_and_compat_check():
         return HandshakeReply(engine_id="p", agent_name="a", agent_metadata=b"\x00\x01",
                               planes=[])
 
-    server = channel.SideChannelServer("127.0.0.1", 0, handler)
+    server = channel.SideChannelServer("127.0.0.1", 0, handler, key=KEY)
     try:
         reply = channel.handshake("127.0.0.1", server.port,
-                                  HandshakeRequest(engine_id="d", compat=ours), 5)
+                                  HandshakeRequest(engine_id="d", compat=ours), 5, key=KEY)
         assert reply.agent_metadata == b"\x00\x01"
         bad = HandshakeRequest(engine_id="d", compat=_compat(dtype="float16"))
         with pytest.raises(channel.ControlError, match="dtype"):
-            channel.handshake("127.0.0.1", server.port, bad, 5)
+            channel.handshake("127.0.0.1", server.port, bad, 5, key=KEY)
         # The server survives a garbage message and keeps answering.
         with pytest.raises(channel.ControlError, match="unknown message kind"):
             channel.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"])
-                            .model_copy(update={"kind": "nope"}), 5)
-        channel.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"]), 5)
+                            .model_copy(update={"kind": "nope"}), 5, key=KEY)
+        echo = channel.request("127.0.0.1", server.port, AbortNotice(request_ids=["x"]), 5,
+                               key=KEY)
+        assert echo == AbortNotice(request_ids=["x"])
+        assert not server.rejected  # all of these were authenticated
     finally:
         server.close()
 
 
 def test_handshake_with_absent_peer_times_out():
-    port = channel.SideChannelServer("127.0.0.1", 0, lambda raw: None)
+    port = channel.SideChannelServer("127.0.0.1", 0, lambda raw: AbortNotice(request_ids=[]),
+                                     key=KEY)
     dead = port.port
     port.close()
     t0 = time.monotonic()
     with pytest.raises(channel.ControlError, match="no reply"):
         channel.handshake("127.0.0.1", dead, HandshakeRequest(engine_id="d",
-                          compat=_compat()), 0.5)
+                          compat=_compat()), 0.5, key=KEY)
     assert time.monotonic() - t0 < 3
 
 

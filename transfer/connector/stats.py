@@ -29,6 +29,23 @@ COUNTERS: dict[str, str] = {
     "kv_sends_completed": "Prefill requests whose blocks a decoder read (notified).",
     "kv_sends_aborted": "Prefill requests freed early by a decoder's abort notice.",
     "kv_sends_expired": "Prefill requests whose blocks were freed when their lease expired.",
+    "side_channel_rejected": "Side-channel messages rejected, any reason (split by the "
+                             "side_channel_rejected_<reason> counters).",
+    "side_channel_rejected_no_key": "Side-channel messages rejected: this worker has no "
+                                    "channel key (deployment secret missing).",
+    "side_channel_rejected_malformed": "Side-channel messages rejected: wrong frames or not "
+                                       "an envelope.",
+    "side_channel_rejected_too_large": "Side-channel messages rejected: over the size cap.",
+    "side_channel_rejected_version": "Side-channel messages rejected: another protocol "
+                                     "version.",
+    "side_channel_rejected_bad_mac": "Side-channel messages rejected: authentication failed "
+                                     "(forged, or another deployment secret).",
+    "side_channel_rejected_stale": "Side-channel messages rejected: timestamp outside the "
+                                   "window.",
+    "side_channel_rejected_replay": "Side-channel messages rejected: nonce already seen "
+                                    "(replayed).",
+    "side_channel_reply_rejected": "Side-channel replies this worker rejected (failed "
+                                   "authentication: forged, or another deployment secret).",
     "store_lookups": "KV store lookups the scheduler made (one per new request).",
     "store_lookup_chunks": "Chunks asked about by store lookups.",
     "store_hit_chunks": "Leading chunks the store held at lookup.",
@@ -43,13 +60,18 @@ COUNTERS: dict[str, str] = {
 }
 # Per-tier running totals of disagg.transfer.store.TierStats, exported as increments.
 TIER_FIELDS = ("lookups", "hits", "load_hits", "load_bytes", "load_seconds", "saves",
-               "saved_bytes", "save_seconds", "evicted_bytes", "errors")
+               "saved_bytes", "save_seconds", "evicted_bytes", "errors", "save_errors",
+               "skipped", "corrupt", "breaker_open")
 TIER_HELP = {"lookups": "keys looked up", "hits": "lookups this tier answered",
              "load_hits": "chunks loaded from this tier", "load_bytes": "bytes loaded",
              "load_seconds": "seconds loading", "saves": "chunks written",
              "saved_bytes": "bytes written", "save_seconds": "seconds writing",
              "evicted_bytes": "bytes evicted to stay under the cap",
-             "errors": "I/O errors (handled as misses or skipped writes)"}
+             "errors": "I/O errors (handled as misses or skipped writes)",
+             "save_errors": "writes that failed (e.g. disk full), of the errors",
+             "skipped": "calls not made while the tier's circuit breaker was open",
+             "corrupt": "entries that failed their checksum (misses, dropped)",
+             "breaker_open": "times the circuit breaker opened (tier bypassed)"}
 for _tier in ("cpu", "disk", "redis"):
     for _f, _doc in TIER_HELP.items():
         COUNTERS[f"store_{_tier}_{_f}"] = f"KV store {_tier} tier: {_doc}."

@@ -7,6 +7,11 @@ received once all its orders finished. A failed peer pull sends an abort notice 
 frees its copy at once) and is retried against the store; blocks still missing become load
 errors, which vLLM recomputes.
 
+Every side-channel message, both ways, is authenticated with the deployment's channel key
+(``disagg.credentials.channel_key_from_env``, or the ``channel_key`` argument): a worker
+without one fails closed (its side channel rejects everything, its pulls fail and are
+recomputed) and says so once, at ``register``.
+
 A finished request's blocks stay held while anything still reads them: a decoder's pull
 (until its READ notification names the request, an abort notice arrives, or the lease runs
 out) and the store save (until its copy is done). get_finished then reports it sent.
@@ -24,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from disagg.config import ConnectorConfig, StoreConfig
+from disagg.credentials import SECRET_ENV, channel_key_from_env
 from disagg.transfer.connector.loaders import KVLoader, LoadResult, PeerLoader
 from disagg.transfer.connector.metadata import (
     DisaggMetadata,
@@ -50,6 +56,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _channel_key_from_env() -> bytes | None:
+    try:
+        return channel_key_from_env()
+    except ValueError:  # not hex: no key (register() says the secret is missing)
+        logger.error("%s is not a hex string; ignoring it", SECRET_ENV)
+        return None
+
+
 class _LockedStats:
     """What store threads count through: never into a TransferStats already handed over."""
 
@@ -65,8 +79,11 @@ class ConnectorWorker:
     """One per vLLM worker process; owns a NIXL endpoint and a side-channel server."""
 
     def __init__(self, config: ConnectorConfig, engine_id: str, tp_rank: int, compat: Compat,
-                 model_id: str = ""):
+                 model_id: str = "", channel_key: bytes | None = None):
+        """``channel_key``: the side channel's HMAC key; None takes the deployment's from the
+        environment (``DISAGG_DEPLOYMENT_SECRET``). Tests and benchmarks pass one."""
         self.s = config
+        self.channel_key: bytes | None = channel_key or _channel_key_from_env()
         # A store section with ``enabled: false`` is no store.
         self.store_config: StoreConfig | None = (
             config.store if config.store is not None and config.store.enabled else None)
@@ -103,12 +120,20 @@ class ConnectorWorker:
         self.loaders["peer"] = PeerLoader(
             self.endpoint, self.engine_id, self.tp_rank, self.compat,
             tc.handshake_timeout_s, tc.transfer_timeout_s, lambda: self.stats,
-            self._pool)
+            self._pool, self.channel_key)
         if self.store_config is not None:
             self._attach_store(tensors, self.store_config)
         port = self.s.side_channel_port + self.tp_rank if self.s.side_channel_port else 0
+        if self.channel_key is None:
+            logger.error(
+                "engine %s rank %d: the deployment secret is missing (%s is unset or not hex "
+                "in this engine's environment): the side channel rejects every message, so no "
+                "decoder can pull KV from this worker and this worker pulls from no prefill "
+                "(requests are recomputed). Launch engines through disagg, or set it.",
+                self.engine_id, self.tp_rank, SECRET_ENV)
         self._server = channel.SideChannelServer(
-            self.s.side_channel_bind, port, self._on_message, name=f"disagg-sc-{name}"
+            self.s.side_channel_bind or self.s.side_channel_host, port, self._on_message,
+            key=self.channel_key, name=f"disagg-sc-{name}", on_reject=self._count_rejected,
         )
         logger.info("engine %s rank %d: %d KV planes registered, side channel %s:%d",
                     self.engine_id, self.tp_rank, len(self.endpoint.planes),
@@ -138,6 +163,11 @@ class ConnectorWorker:
                                         self._count_lookup)
         logger.info("engine %s rank %d: KV store %s, %d-token chunks", self.engine_id,
                     self.tp_rank, [t.name for t in store.tiers], codec.chunk_tokens)
+
+    def _count_rejected(self, reason: str) -> None:
+        """The side channel's thread: a message it rejected (``channel.REJECT_REASONS``)."""
+        self._locked_stats.add("side_channel_rejected")
+        self._locked_stats.add(f"side_channel_rejected_{reason}")
 
     def _count_lookup(self, num_keys: int, hits: int) -> None:
         self._locked_stats.add("store_lookups")
@@ -187,8 +217,10 @@ class ConnectorWorker:
         try:
             channel.request(rel.peer.host, rel.peer.port + self.tp_rank,
                             AbortNotice(request_ids=[rel.remote_request_id]),
-                            self.s.transfer.handshake_timeout_s)
+                            self.s.transfer.handshake_timeout_s, key=self.channel_key)
         except channel.ControlError as exc:  # the peer's lease frees the blocks anyway
+            if isinstance(exc, channel.AuthError):
+                self._locked_stats.add("side_channel_reply_rejected")
             logger.warning("abort notice for %s to %s failed: %s",
                            rel.remote_request_id, rel.peer.engine_id, exc)
 

@@ -2,31 +2,59 @@
 
 Control plane (ZMQ, between a decoder's worker and a prefill's worker):
 
-    decoder                                 prefill side channel (ROUTER)
-      HandshakeRequest(version, compat) -->
-                                        <-- HandshakeReply(agent metadata, planes) | Error
-      AbortNotice(request ids)          -->  (blocks freed early: the decoder gave up)
+    decoder (REQ)                           prefill side channel (ROUTER)
+      [Envelope | HandshakeRequest(version, compat)] -->
+                    <-- [Envelope | HandshakeReply(agent metadata, planes) or ErrorReply]
+      [Envelope | AbortNotice(request ids)] -->        (blocks freed early: decoder gave up)
+                    <-- [Envelope | AbortNotice (echo) or ErrorReply]
+
+Every side-channel message, request or reply, is two ZMQ frames: an ``Envelope`` header
+(JSON) and the message's own JSON. The envelope authenticates the body with HMAC-SHA256
+under the deployment's channel key (``disagg.credentials.channel_key``) over
+
+    version (1 byte) | direction (b"Q" request, b"R" reply) | ts (int64 ms, big-endian)
+      | nonce (16 bytes) | request nonce (16 bytes; zeros in a request) | body bytes
+
+so a reply is bound to the request it answers (it cannot be replayed to another one), and
+a request is fresh (timestamp within the receiver's window, nonce not seen in it).
+``disagg.transfer.control.channel`` seals and opens envelopes; nothing here is pickled.
 
 Data plane: NIXL READs of block ranges named by ``KVTransferParams.block_ids``; the READ's
 notification carries the prefill-side request id, which frees its blocks. Every message
-carries its ``PROTOCOL_VERSION``; a side channel refuses requests, and ``KVTransferParams.parse``
-params, of another version.
+carries its ``PROTOCOL_VERSION``; a side channel refuses envelopes and requests, and
+``KVTransferParams.parse`` params, of another version.
+
+Version history: 1 bare JSON frames; 2 the authenticated envelope.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class _Msg(BaseModel):
     model_config = ConfigDict(
         extra="forbid", strict=True, frozen=True, ser_json_bytes="base64", val_json_bytes="base64"
     )
+
+
+class Envelope(_Msg):
+    """The header frame of every side-channel message; the body frame follows it.
+
+    ``mac`` is HMAC-SHA256 (hex) over the fields and the body as the module docstring
+    lays out; ``ts`` and ``nonce`` make each request unique and fresh.
+    """
+
+    v: int = PROTOCOL_VERSION
+    ts: int = Field(ge=0, lt=1 << 62, description="sender's wall clock, ms since the epoch")
+    nonce: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] = Field(
+        description="16 random bytes, hex")
+    mac: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class PlaneInfo(_Msg):
@@ -119,15 +147,33 @@ class KVTransferParams(_Msg):
         return cls.model_validate(ours, strict=False)
 
 
+def _kind_of(raw: bytes) -> object:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not a JSON object: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data.get("kind")
+
+
 def decode_message(raw: bytes) -> HandshakeRequest | AbortNotice:
     """Parse a request arriving at a side channel; raise ValueError if it is not one."""
-    try:
-        kind = json.loads(raw).get("kind")
-    except (ValueError, AttributeError) as exc:
-        raise ValueError(f"not a JSON object: {exc}") from None
+    kind = _kind_of(raw)
     models: dict[str, type[HandshakeRequest] | type[AbortNotice]] = {
         "handshake": HandshakeRequest, "abort": AbortNotice}
-    model = models.get(kind)
+    model = models.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise ValueError(f"unknown message kind {kind!r}")
+        raise ValueError(f"unknown message kind {kind!r}"[:200])
+    return model.model_validate_json(raw)
+
+
+def decode_reply(raw: bytes) -> HandshakeReply | AbortNotice | ErrorReply:
+    """Parse a side channel's reply; raise ValueError if it is not one."""
+    kind = _kind_of(raw)
+    models: dict[str, type[HandshakeReply] | type[AbortNotice] | type[ErrorReply]] = {
+        "handshake_ok": HandshakeReply, "abort": AbortNotice, "error": ErrorReply}
+    model = models.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ValueError(f"unknown reply kind {kind!r}"[:200])
     return model.model_validate_json(raw)

@@ -2,7 +2,8 @@
 connector's I/O against it.
 
     keys.py     ChunkKey, KVFingerprint, chunk_keys(): deterministic chained chunk hashes
-    backend.py  StoreBackend: the interface every tier implements (contracts in its docstring)
+    backend.py  StoreBackend: the interface every tier implements (contracts in its docstring);
+                CircuitBreaker and TierUnavailable (a tier bypassed during an outage)
     cpu.py      CpuBackend: in-memory LRU under a byte cap
     disk.py     DiskBackend: checksummed files, atomic writes, index rebuilt on restart
     redis.py    RedisBackend: one LRU in Redis shared by every instance; atomic Lua scripts
@@ -16,7 +17,7 @@ names. The names the gateway's prefix index gives store tiers (``store:redis``..
 ``disagg.tiers``; the test doubles (FakeBackend, local_redis) in ``tests/support``.
 """
 
-from .backend import StoreBackend
+from .backend import CircuitBreaker, StoreBackend, TierUnavailable
 from .cpu import CpuBackend
 from .disk import DiskBackend
 from .keys import (
@@ -39,6 +40,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_CHUNK_TOKENS",
     "ChunkKey",
+    "CircuitBreaker",
     "CpuBackend",
     "DiskBackend",
     "KVFingerprint",
@@ -46,6 +48,7 @@ __all__ = [
     "StoreBackend",
     "StoreStats",
     "TierStats",
+    "TierUnavailable",
     "TieredStore",
     "chunk_keys",
     "chunk_tokens_for",

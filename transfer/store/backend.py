@@ -14,19 +14,106 @@ Contracts every implementation keeps (tested over all of them in test_store_back
     most recently used;
   - an entry larger than the whole capacity is refused (``put`` returns False), without
     evicting anything;
-  - a corrupt entry is never returned: it reads as a miss and is dropped.
+  - a corrupt entry is never returned: it reads as a miss, is dropped and is counted in
+    ``corrupt_entries``;
+  - a failure raises OSError (never another type for an I/O problem); a tier that is
+    bypassed by its circuit breaker raises ``TierUnavailable`` (an OSError) at once, without
+    any I/O. ``TieredStore`` turns both into a miss or a skipped write.
+
+``CircuitBreaker`` is what a tier behind a network (Redis) uses so that an outage costs one
+timeout per back-off interval instead of one per call.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from .keys import ChunkKey
 
 # What ``put`` accepts (anything exposing a contiguous byte buffer, e.g. a numpy array's
 # ``memoryview``); ``collections.abc.Buffer`` would say it better but needs Python 3.12.
 BytesLike = bytes | bytearray | memoryview
+
+
+class TierUnavailable(OSError):
+    """The tier is being bypassed (its circuit breaker is open): raised at once, no I/O."""
+
+
+class CircuitBreaker:
+    """Skips a failing dependency for a back-off interval instead of waiting on it per call.
+
+    closed     calls go through; an outage (``failure``) opens the breaker
+    open       ``allow`` says no until ``retry_at``; then the one caller it lets through is
+               the probe (half-open) while every other caller is still refused
+    half-open  the probe's ``success`` closes the breaker (back-off reset); its ``failure``
+               opens it again for twice the back-off, up to ``max_backoff_s``
+
+    A caller that ``allow`` let through reports exactly one of ``success``, ``failure`` or
+    ``release`` (no verdict: e.g. an unexpected exception), so a probe never sticks.
+    Thread-safe. ``openings`` counts closed -> open transitions (one per outage, however
+    many probes fail during it).
+    """
+
+    def __init__(self, backoff_s: float = 1.0, max_backoff_s: float = 16.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < backoff_s <= max_backoff_s:
+            raise ValueError(f"need 0 < backoff_s <= max_backoff_s, got {backoff_s}, "
+                             f"{max_backoff_s}")
+        self.base_backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = "closed"
+        self._backoff = backoff_s
+        self._retry_at = 0.0
+        self.openings = 0
+        self.last_failure = ""  # why it opened (no secrets: the caller's redacted message)
+
+    @property
+    def state(self) -> str:
+        """"closed", "open" or "half-open"."""
+        with self._lock:
+            return self._state
+
+    def allow(self) -> bool:
+        """Whether a call may go through now (True for the probe once the back-off ran out)."""
+        with self._lock:
+            if self._state == "closed":
+                return True
+            if self._state == "open" and self._clock() >= self._retry_at:
+                self._state = "half-open"
+                return True
+            return False
+
+    def retry_in(self) -> float:
+        """Seconds until the next probe may run (0 when closed)."""
+        with self._lock:
+            return max(0.0, self._retry_at - self._clock()) if self._state == "open" else 0.0
+
+    def success(self) -> None:
+        with self._lock:
+            if self._state != "closed":
+                self._state, self._backoff = "closed", self.base_backoff_s
+
+    def failure(self, why: str = "") -> None:
+        with self._lock:
+            if self._state == "closed":
+                self.openings += 1
+            elif self._state == "half-open":  # the probe failed: wait longer next time
+                self._backoff = min(2 * self._backoff, self.max_backoff_s)
+            else:  # open: a call from before the opening failed as well; nothing new
+                return
+            self._state = "open"
+            self._retry_at = self._clock() + self._backoff
+            self.last_failure = why
+
+    def release(self) -> None:
+        """A call ended without a verdict: a probe's turn passes to the next caller."""
+        with self._lock:
+            if self._state == "half-open":
+                self._state, self._retry_at = "open", self._clock()
 
 
 class StoreBackend(ABC):
@@ -42,7 +129,12 @@ class StoreBackend(ABC):
         # Monotonic counters, read by TieredStore's stats.
         self.evicted_bytes = 0
         self.evicted_entries = 0
-        self.corrupt_entries = 0
+        self.corrupt_entries = 0  # entries that failed their checksum (dropped)
+
+    @property
+    def breaker_openings(self) -> int:
+        """Times this tier's circuit breaker opened (0 for a tier without one)."""
+        return 0
 
     @property
     def capacity_bytes(self) -> int:
@@ -87,5 +179,9 @@ class StoreBackend(ABC):
         return len(self.keys())
 
     def __repr__(self) -> str:
+        try:
+            entries: int | str = len(self)
+        except OSError:  # unreachable now: a repr (in a log, a traceback) must not raise
+            entries = "?"
         return (f"{type(self).__name__}(used={self.used_bytes}, "
-                f"capacity={self.capacity_bytes}, entries={len(self)})")
+                f"capacity={self.capacity_bytes}, entries={entries})")

@@ -67,6 +67,15 @@ is the directory's count, the same whichever sharer asks.
 Each process opens its own DiskBackend (a forked copy would share its parent's flocks, so it
 refuses to change the directory). Sharers must all run this version: an older DiskBackend
 held ``.lock`` for its lifetime.
+
+Permissions: KV chunks are prompt content. The directory (and ``.sharers``) is created mode
+0700 and every file 0600, whatever the umask, so only the user the instances run as can read
+or plant entries (the CRC is not a MAC). An existing directory is tightened to 0700 when it is
+ours, not sticky, and empty or already a store (holds ``.lock``); any other existing
+directory is used as it is, with a warning when other users may write to it.
+
+Disk full: a put whose write fails (ENOSPC, EDQUOT, EIO...) deletes its temporary file,
+releases its reservation and raises the OSError; entries already stored stay readable.
 """
 
 from __future__ import annotations
@@ -75,8 +84,10 @@ import contextlib
 import fcntl
 import heapq
 import itertools
+import logging
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -89,6 +100,10 @@ from pathlib import Path
 from .backend import BytesLike, StoreBackend
 from .keys import DIGEST_SIZE, ChunkKey
 
+logger = logging.getLogger(__name__)
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 HEADER = struct.Struct("<4sHH32sQI")
 MAGIC = b"DKVC"
 VERSION = 1
@@ -124,7 +139,8 @@ class DiskBackend(StoreBackend):
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int) -> None:
         super().__init__(capacity_bytes)
         self.path = Path(path)
-        (self.path / _SHARERS).mkdir(parents=True, exist_ok=True)
+        _private_dir(self.path)
+        _private_dir(self.path / _SHARERS, ours=True)
         self._dir = str(self.path)  # str paths: pathlib costs more than the syscalls here
         # Lock order: _dir_lock (this object's use of the flock, may wait on other
         # processes) before _lock (the index and clock; only ever held briefly).
@@ -139,7 +155,9 @@ class DiskBackend(StoreBackend):
         self._member: Path | None = None
         self._member_fd: int | None = None
         self._pid = os.getpid()  # a forked child shares our flocks: it must open its own
-        self._fd: int | None = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd: int | None = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
+        with contextlib.suppress(PermissionError):  # an older version's .lock: 0644
+            os.fchmod(self._fd, FILE_MODE)
         try:
             with self._exclusive() as led:
                 self._register()
@@ -208,7 +226,7 @@ class DiskBackend(StoreBackend):
                 if not self._evict_for(led, size):
                     return False  # writes in flight hold the space
             tmp = f"{self._dir}/{hx}.{size}.{os.getpid()}-{next(_SEQ)}{_TMP}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: never blocks
             except BaseException:
@@ -468,7 +486,7 @@ class DiskBackend(StoreBackend):
     def _register(self) -> None:
         """Announce this backend's capacity to the sharers. Caller holds the flock."""
         member = self.path / _SHARERS / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.cap"
-        fd = os.open(member, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(member, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held while open: a lockable one is a dead sharer's
         os.write(fd, str(self._capacity).encode())
         self._member, self._member_fd = member, fd
@@ -502,6 +520,30 @@ class DiskBackend(StoreBackend):
 
 
 # -- files -----------------------------------------------------------------------------------
+
+
+def _private_dir(path: Path, ours: bool = False) -> None:
+    """Make ``path`` (and missing parents) a directory only its owner can use: see the module
+    docstring's "Permissions" for what happens to an existing one (``ours``: one the store
+    made, tightened if we own it)."""
+    try:
+        path.mkdir(mode=DIR_MODE, parents=True)
+    except FileExistsError:
+        st = path.stat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(f"disk tier path {path} is not a directory") from None
+        if stat.S_IMODE(st.st_mode) == DIR_MODE:
+            return
+        sticky = st.st_mode & stat.S_ISVTX  # /tmp and the like: shared by design
+        if st.st_uid == os.geteuid() and not sticky and (
+                ours or (path / ".lock").exists() or not any(path.iterdir())):
+            os.chmod(path, DIR_MODE)
+        elif st.st_mode & 0o022:
+            logger.warning("disk tier directory %s (mode %o) is writable by other users, who "
+                           "could plant KV entries; use a directory of its own", path,
+                           stat.S_IMODE(st.st_mode))
+    else:
+        os.chmod(path, DIR_MODE)  # mkdir's mode went through the umask
 
 
 def _write_entry(fd: int, key: ChunkKey, value: memoryview, stamp: int) -> None:

@@ -40,6 +40,7 @@ from disagg.transfer.store import (
     chunk_keys,
     chunk_tokens_for,
 )
+from disagg.transfer.store.redis import connect_url
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ def build_store(s: StoreConfig) -> TieredStore:
     if s.disk_dir:
         tiers.append(DiskBackend(s.disk_dir, s.disk_bytes))
     if s.redis_url:
-        tiers.append(RedisBackend(s.redis_bytes, url=s.redis_url,
-                                       namespace=s.redis_namespace))
+        tiers.append(RedisBackend(s.redis_bytes, url=connect_url(s.redis_url),
+                                  namespace=s.redis_namespace))
     return TieredStore(tiers)
 
 

@@ -22,10 +22,31 @@ a dropped index key breaks it). Instances sharing a namespace must agree on the 
 each put enforces its caller's cap (a different one is logged at start).
 
 The checksum covers the chunk key and the value (keyed blake2b), so a flipped bit, a truncated
-value or a value under the wrong key reads as a miss and is dropped. Every network call has
-``socket_timeout_s`` and no retry; any Redis failure (unreachable or hung server, read-only
-replica, out of memory, BUSY, auth) raises ``RedisTierError``, an OSError, which TieredStore
-counts as a miss or a skipped write, as it does for disk I/O errors.
+value or a value under the wrong key reads as a miss and is dropped (``corrupt_entries``).
+Every network call has ``socket_timeout_s`` and no retry; any Redis failure (unreachable or
+hung server, read-only replica, out of memory, BUSY, auth) raises ``RedisTierError``, an
+OSError, which TieredStore counts as a miss or a skipped write, as it does for disk I/O errors.
+
+Outages. A failure to reach the server (connection refused or reset, timeout, TLS or auth
+failure at connect, server still loading) opens a ``CircuitBreaker``: for ``breaker_backoff_s``
+every call raises ``TierUnavailable`` at once, without touching the network; then one call
+probes the server: success closes the breaker, failure opens it again for twice as long (up
+to ``breaker_max_backoff_s``). So a dead or hung Redis costs one timeout per interval, not one
+per lookup, load and save, and the tier comes back by itself once the server does. Errors the
+server answers with (out of memory, read-only, NOPERM) prove it reachable: they never open it.
+
+URLs. Anything redis-py's ``from_url`` takes: ``redis://[[user]:password@]host:port/db``
+(``requirepass``: empty user; ACL: user and password; percent-encode reserved characters),
+``rediss://`` for TLS with query parameters passed to the connection, e.g.
+``rediss://:pw@host:6380/0?ssl_ca_certs=/etc/redis/ca.crt`` (also ``ssl_certfile``,
+``ssl_keyfile`` for client certificates, ``ssl_cert_reqs``, ``ssl_check_hostname``), and
+``unix:///path/redis.sock?db=0``. The URL is never logged or put in an error as given: only
+``redact(url)`` (credentials replaced by ``***``), and ``where`` (host:port/db).
+
+``StoreConfig`` travels to the engine in vLLM's argv (``--kv-transfer-config``), which every
+local user can read in ``ps``. So the engine's environment may carry the URL instead:
+``connect_url`` (used by ``io.build_store``) prefers ``$DISAGG_REDIS_URL`` to the configured
+one, which then only says that there is a Redis tier and may be given redacted.
 """
 
 from __future__ import annotations
@@ -33,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from typing import Any, cast
@@ -41,7 +63,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .backend import BytesLike, StoreBackend
+from disagg.credentials import redact_url
+
+from .backend import BytesLike, CircuitBreaker, StoreBackend, TierUnavailable
 from .keys import ChunkKey
 
 logger = logging.getLogger(__name__)
@@ -54,6 +78,28 @@ _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # no glob or separator charac
 class RedisTierError(OSError):
     """Redis could not be reached in time, or failed the command (redis-py's RedisError:
     ConnectionError, TimeoutError, OutOfMemoryError, ReadOnlyError, ... is the cause)."""
+
+
+REDIS_URL_ENV = "DISAGG_REDIS_URL"
+
+
+def connect_url(configured: str) -> str:
+    """The URL to connect with: ``$DISAGG_REDIS_URL`` when set, else ``configured``."""
+    return os.environ.get(REDIS_URL_ENV) or configured
+
+
+# Failures that say the server cannot be reached (or not yet served): they open the breaker.
+# AuthenticationError and BusyLoadingError are ConnectionErrors in redis-py; a TLS handshake
+# failure is raised as a ConnectionError too.
+_OUTAGES = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|username)=)[^&#]*")
+
+
+def redact(url: str) -> str:
+    """``url`` fit for logs and errors: ``disagg.credentials.redact_url`` (user and password
+    of the netloc) and, as redis-py also reads them from the query, ``password=`` and
+    ``username=`` parameters."""
+    return _QUERY_SECRET.sub(r"\1***", redact_url(url) or "")
 
 
 # -- server-side scripts --------------------------------------------------------------------
@@ -159,18 +205,21 @@ class RedisBackend(StoreBackend):
     name = "redis"
 
     def __init__(self, capacity_bytes: int, url: str = "redis://127.0.0.1:6379/0",
-                 namespace: str = "disagg", socket_timeout_s: float = 2.0) -> None:
+                 namespace: str = "disagg", socket_timeout_s: float = 2.0,
+                 breaker_backoff_s: float = 1.0,
+                 breaker_max_backoff_s: float | None = None) -> None:
         super().__init__(capacity_bytes)
         if not _NAMESPACE.fullmatch(namespace):
             raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {namespace!r}")
         if socket_timeout_s <= 0:
             raise ValueError(f"socket_timeout_s must be positive, got {socket_timeout_s}")
         self.namespace = namespace
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        self.url = redact(url)  # for logs and status; the real one stays in the client
+        self._client = _client(url, socket_timeout_s)
         kw = self._client.connection_pool.connection_kwargs
         self.where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
+        self.breaker = CircuitBreaker(  # None: up to 16x the back-off, at least 16 s
+            breaker_backoff_s, breaker_max_backoff_s or max(16.0, 16 * breaker_backoff_s))
         self._keys = [f"{namespace}:{k}" for k in ("lru", "size", "used", "tick", "cap")]
         self._vprefix = f"{namespace}:v:"
         self._scripts = {name: self._client.register_script(src) for name, src in
@@ -178,20 +227,26 @@ class RedisBackend(StoreBackend):
                           ("check", _CHECK)]}
         self._last_used = 0
         self._closed = False
+        logger.info("redis tier %s (namespace %s, cap %d bytes)", self.url, namespace,
+                    capacity_bytes)
         self._trim_best_effort()
 
     # -- public API --------------------------------------------------------------------
 
     @property
     def used_bytes(self) -> int:
-        """The shared counter; when Redis does not answer, the last value read (a gauge for
-        stats must not raise)."""
+        """The shared counter; when Redis does not answer (or is bypassed), the last value
+        read (a gauge for stats must not raise)."""
         try:
             with self._errors("used_bytes"):
                 self._last_used = int(self._client.get(self._keys[2]) or 0)
-        except RedisTierError:
+        except OSError:
             logger.debug("redis tier %s: used_bytes unavailable", self.where, exc_info=True)
         return self._last_used
+
+    @property
+    def breaker_openings(self) -> int:
+        return self.breaker.openings
 
     def contains(self, key: ChunkKey) -> bool:
         with self._errors("contains"):
@@ -250,11 +305,35 @@ class RedisBackend(StoreBackend):
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        """Run one server call behind the breaker; RedisError -> RedisTierError."""
+        if not self.breaker.allow():
+            raise TierUnavailable(
+                f"redis tier {self.where} ({what}): bypassed, circuit breaker open for "
+                f"{self.breaker.retry_in():.1f}s more after: {self.breaker.last_failure}")
+        verdict = False
         try:
             yield
         except redis.exceptions.RedisError as e:
-            raise RedisTierError(f"redis tier {self.where} ({what}): "
-                                 f"{type(e).__name__}: {e}") from e
+            message = f"redis tier {self.where} ({what}): {type(e).__name__}: {e}"
+            verdict = True
+            if isinstance(e, _OUTAGES):
+                self._outage(message)
+            else:  # the server answered (OOM, read-only, NOPERM...): it is reachable
+                self.breaker.success()
+            raise RedisTierError(message) from e
+        else:
+            verdict = True
+            self.breaker.success()
+        finally:
+            if not verdict:
+                self.breaker.release()
+
+    def _outage(self, message: str) -> None:
+        was_open = self.breaker.state != "closed"
+        self.breaker.failure(message)
+        if not was_open:
+            logger.warning("%s; bypassing the tier for %.1fs, then retrying", message,
+                           self.breaker.retry_in())
 
     def _drop_corrupt(self, key: ChunkKey, blob: bytes) -> None:
         logger.warning("redis tier %s: corrupt entry %s dropped", self.where, key)
@@ -272,14 +351,34 @@ class RedisBackend(StoreBackend):
         try:
             previous, evicted, evicted_bytes = self._run("trim", self._capacity)
         except RedisTierError as e:
-            logger.warning("redis tier %s unreachable at start (%s); will retry per call",
-                           self.where, e)
+            if self.breaker.state == "closed":  # an outage is logged as the breaker opens
+                logger.warning("redis tier %s: trimming at start failed: %s", self.where, e)
             return
         if previous not in (-1, self._capacity):
             logger.warning("redis tier %s namespace %s: capacity %d, but the last instance "
                            "started with %d; instances must agree", self.where,
                            self.namespace, self._capacity, previous)
         self._count_evictions(evicted, evicted_bytes)
+
+
+def _client(url: str, socket_timeout_s: float) -> redis.Redis:
+    """A client for ``url`` that never retries; errors name the URL only redacted."""
+    try:
+        client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+        pool = client.connection_pool
+        # Connections are made lazily: build one now (no I/O) so that a query parameter the
+        # connection class does not take fails here, not as a TypeError on the first call.
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError) as e:
+        # redis-py's own messages name a query parameter; urllib's may quote a piece of the
+        # netloc (a password with an unencoded "/" ends the netloc early): not those.
+        text = str(e)
+        safe = isinstance(e, TypeError) or text.startswith(("Invalid value for", "Redis URL"))
+        raise ValueError(f"bad redis URL {redact(url)}: "
+                         f"{text if safe else type(e).__name__}") from None
+    return client
 
 
 def _checksum(key: ChunkKey, value: memoryview) -> bytes:

@@ -8,6 +8,13 @@
 The caller never waits on a lower tier when writing: a full queue drops the write-through
 (and counts it), so a slow disk costs reuse, not latency. Counters are plain numbers in a
 ``StoreStats`` snapshot; exporting them (Prometheus) is the caller's business.
+
+Faults never reach the caller: a tier's OSError on a lookup or a load is a miss in that tier
+(the next one is asked), on a save a skipped write (``errors``, and ``save_errors`` for
+saves: e.g. ENOSPC on a full disk). A tier whose circuit breaker is open (``TierUnavailable``)
+is passed over without waiting (``skipped``). A corrupt entry is a miss that the tier drops
+and counts (``corrupt``). Repeated I/O failures of one tier are logged once per
+``LOG_EVERY_S`` (with how many were not), not once per call.
 """
 
 from __future__ import annotations
@@ -20,15 +27,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .backend import BytesLike, StoreBackend
+from .backend import BytesLike, StoreBackend, TierUnavailable
 from .keys import ChunkKey
 
 logger = logging.getLogger(__name__)
 
+LOG_EVERY_S = 30.0  # at most one warning per tier and operation this often
+
 
 @dataclass(slots=True)
 class TierStats:
-    """Counters for one tier; all cumulative except the three gauges at the end."""
+    """Counters for one tier; all cumulative except ``used_bytes`` and ``capacity_bytes``.
+    The field names are what ``disagg.transfer.connector.stats.TIER_FIELDS`` exports."""
 
     name: str
     lookups: int = 0  # keys asked by lookup_prefix / locate
@@ -42,8 +52,13 @@ class TierStats:
     save_seconds: float = 0.0
     refused: int = 0  # puts the tier refused (entry larger than the tier)
     errors: int = 0  # I/O errors, each handled as a miss or a skipped write
-    evicted_bytes: int = 0  # gauges, read from the backend at snapshot time
-    used_bytes: int = 0
+    save_errors: int = 0  # of which failed writes (disk full, Redis out of memory...)
+    skipped: int = 0  # calls not made: the tier's circuit breaker was open
+    # Read from the backend at snapshot time:
+    corrupt: int = 0  # entries that failed their checksum: read as misses, dropped
+    breaker_open: int = 0  # times the tier's circuit breaker opened (an outage began)
+    evicted_bytes: int = 0
+    used_bytes: int = 0  # gauges
     capacity_bytes: int = 0
 
 
@@ -71,8 +86,9 @@ class TieredStore:
     """Thread-safe facade over ``tiers`` (fastest first; at least one).
 
     Owns the tiers: ``close`` closes them. ``put`` after ``close`` raises RuntimeError.
-    Backend I/O errors (OSError) never reach the caller: a failed read is a miss in that
-    tier, a failed write is skipped; both count in ``TierStats.errors``.
+    Backend I/O errors (OSError) never reach the caller: a failed lookup or read is a miss in
+    that tier, a failed write is skipped; all count in ``TierStats.errors`` (writes also in
+    ``save_errors``), and calls a tier's breaker refused in ``TierStats.skipped``.
     """
 
     def __init__(self, tiers: Sequence[StoreBackend], queue_size: int = 64) -> None:
@@ -83,6 +99,7 @@ class TieredStore:
         self._stats_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
+        self._logged: dict[tuple[int, str], tuple[float, int]] = {}  # -> (last log, muted)
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writethrough",
                                         daemon=True)
         self._writer.start()
@@ -102,9 +119,17 @@ class TieredStore:
         return n
 
     def locate(self, key: ChunkKey) -> int | None:
-        """Index of the fastest tier holding ``key``, or None. Does not change recency."""
+        """Index of the fastest tier holding ``key``, or None. Does not change recency.
+        A tier that fails or is bypassed counts as not holding it."""
         for i, tier in enumerate(self.tiers):
-            found = tier.contains(key)
+            try:
+                found = tier.contains(key)
+            except TierUnavailable:
+                self._count(i, skipped=1)
+                continue
+            except OSError as e:
+                self._failed(i, "lookup", key, e)
+                found = False
             self._count(i, lookups=1, hits=int(found))
             if found:
                 return i
@@ -117,10 +142,11 @@ class TieredStore:
             start = time.perf_counter()
             try:
                 data = tier.get(key)
-            except OSError:
-                logger.exception("store tier %s: reading %s failed; treated as a miss",
-                                 tier.name, key)
-                self._count(i, errors=1)
+            except TierUnavailable:
+                self._count(i, skipped=1)
+                continue
+            except OSError as e:
+                self._failed(i, "load", key, e)
                 data = None
             hit = data is not None
             self._count(i, loads=1, load_hits=int(hit),
@@ -181,6 +207,7 @@ class TieredStore:
         for s, tier in zip(snap.tiers, self.tiers, strict=True):
             s.evicted_bytes, s.used_bytes = tier.evicted_bytes, tier.used_bytes
             s.capacity_bytes = tier.capacity_bytes
+            s.corrupt, s.breaker_open = tier.corrupt_entries, tier.breaker_openings
         snap.queue_depth = self._queue.qsize()
         return snap
 
@@ -206,9 +233,12 @@ class TieredStore:
         start = time.perf_counter()
         try:
             stored = self.tiers[i].put(key, data)
+        except OSError as e:
+            self._failed(i, "save", key, e)
+            return
         except Exception:  # a failed write must not kill the writer or reach the caller
             logger.exception("store tier %s: writing %s failed", self.tiers[i].name, key)
-            self._count(i, errors=1)
+            self._count(i, errors=1, save_errors=1)
             return
         self._count(i, saves=int(stored), saved_bytes=len(data) if stored else 0,
                     refused=int(not stored), save_seconds=time.perf_counter() - start)
@@ -228,12 +258,35 @@ class TieredStore:
         try:
             # Keys name content: a tier that holds the key already holds these bytes.
             present = self.tiers[i].contains(item.key)
+        except OSError as e:
+            self._failed(i, "save", item.key, e)  # the write-through did not happen
+            return
         except Exception:
             logger.exception("store tier %s: checking %s failed", self.tiers[i].name, item.key)
-            self._count(i, errors=1)
+            self._count(i, errors=1, save_errors=1)
             return
         if not present:
             self._save(i, item.key, item.data)
+
+    def _failed(self, i: int, op: str, key: ChunkKey, e: OSError) -> None:
+        """Count (and now and then log) tier ``i`` failing ``op`` ("lookup", "load" or
+        "save") on ``key``; a bypassed tier is counted as skipped, not logged."""
+        if isinstance(e, TierUnavailable):
+            self._count(i, skipped=1)
+            return
+        self._count(i, errors=1, save_errors=int(op == "save"))
+        now = time.monotonic()
+        with self._stats_lock:
+            last, muted = self._logged.get((i, op), (-LOG_EVERY_S, 0))
+            if now - last < LOG_EVERY_S:
+                self._logged[i, op] = (last, muted + 1)
+                return
+            self._logged[i, op] = (now, 0)
+        what = {"lookup": "looking up", "load": "loading", "save": "saving"}[op]
+        logger.warning("store tier %s: %s %s failed (%s): %s%s", self.tiers[i].name, what, key,
+                       "skipped" if op == "save" else "a miss", e,
+                       f" ({muted} similar failures not logged)" if muted else "",
+                       exc_info=logger.isEnabledFor(logging.DEBUG))
 
     def _count(self, i: int, **increments: float) -> None:
         with self._stats_lock:
