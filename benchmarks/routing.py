@@ -55,20 +55,21 @@ def instance_urls(url: str) -> dict[str, str]:
     return {i["key"]: i["url"] for i in status["instances"]}
 
 
-def snapshot(url: str) -> dict[str, Series]:
-    """The gateway's disagg_* counters and each instance's vllm:* prefix-cache counters."""
+def snapshot(url: str, engine_headers: dict[str, str]) -> dict[str, Series]:
+    """The gateway's disagg_* counters and each instance's vllm:* prefix-cache counters
+    (engines answer only with the deployment's ``engine_headers``)."""
     snap = {"gateway": series(url, "disagg_")}
     for key, inst_url in instance_urls(url).items():
-        snap[key] = series(inst_url, "vllm:")
+        snap[key] = series(inst_url, "vllm:", headers=engine_headers)
     return snap
 
 
 def measure(dep, workload, load: LoadConfig) -> dict:
     model = dep.served_model_name
-    before = snapshot(dep.url)
+    before = snapshot(dep.url, dep.engine_headers())
     report = run_bench(workload, EndpointConfig(dep.url, model), load,
                        Slo(ttft_ms=5000, itl_ms=500))
-    after = snapshot(dep.url)
+    after = snapshot(dep.url, dep.engine_headers())
 
     def delta(where: str, name: str, **labels: str) -> float:
         return total(after[where], name, **labels) - total(before.get(where, {}), name,

@@ -37,14 +37,17 @@ from tests.support.redis_server import local_redis
 OUTPUT_TOKENS = 16
 
 
-def ttft_and_tokens(url: str, model: str, prompt: list[int]) -> tuple[float, list[int]]:
-    """Stream one greedy completion; (seconds to the first token, generated token ids)."""
+def ttft_and_tokens(url: str, model: str, prompt: list[int],
+                    headers: dict[str, str]) -> tuple[float, list[int]]:
+    """Stream one greedy completion from an engine (``headers``: the deployment's engine
+    token); (seconds to the first token, generated token ids)."""
     body = {"model": model, "prompt": prompt, "max_tokens": OUTPUT_TOKENS, "temperature": 0,
             "ignore_eos": True, "stream": True, "return_token_ids": True}
     ids: list[int] = []
     first = None
     t0 = time.perf_counter()
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=1800) as r:
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=1800,
+                      headers=headers) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -57,9 +60,10 @@ def ttft_and_tokens(url: str, model: str, prompt: list[int]) -> tuple[float, lis
     return first - t0, ids
 
 
-def wait_counter(url: str, name: str, at_least: float, timeout: float = 120) -> None:
+def wait_counter(url: str, name: str, at_least: float, headers: dict[str, str],
+                 timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while total(url, name) < at_least:
+    while total(url, name, headers=headers) < at_least:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{name} below {at_least} on {url}")
         time.sleep(0.5)
@@ -75,21 +79,21 @@ def run_tier(tier: str, store: dict, args: argparse.Namespace) -> list[dict]:
     rows = []
     with launch(topo) as dep:
         x, y = (dep.instances[k].url for k in ("decode-0", "decode-1"))
-        model = dep.served_model_name
-        ttft_and_tokens(x, model, [5] * 300)  # warm both engines up
-        ttft_and_tokens(y, model, [6] * 300)
+        model, auth = dep.served_model_name, dep.engine_headers()
+        ttft_and_tokens(x, model, [5] * 300, auth)  # warm both engines up
+        ttft_and_tokens(y, model, [6] * 300, auth)
         for i in range(args.prompts):
             prompt = [rng.randrange(10, 16000) for _ in range(args.tokens)]
-            saved = total(x, "vllm:disagg_store_saved_chunks")
-            t_cold, want = ttft_and_tokens(x, model, prompt)
-            wait_counter(x, "vllm:disagg_store_saved_chunks", saved + args.tokens // 256)
+            saved = total(x, "vllm:disagg_store_saved_chunks", headers=auth)
+            t_cold, want = ttft_and_tokens(x, model, prompt, auth)
+            wait_counter(x, "vllm:disagg_store_saved_chunks", saved + args.tokens // 256, auth)
             time.sleep(2)  # the write-through to the shared tier runs behind the CPU tier
-            loaded = total(y, "vllm:disagg_store_loaded_tokens")
-            t_store, got = ttft_and_tokens(y, model, prompt)
-            wait_counter(y, "vllm:disagg_store_loaded_tokens", loaded + 1)
+            loaded = total(y, "vllm:disagg_store_loaded_tokens", headers=auth)
+            t_store, got = ttft_and_tokens(y, model, prompt, auth)
+            wait_counter(y, "vllm:disagg_store_loaded_tokens", loaded + 1, auth)
             time.sleep(1)  # counters arrive on vLLM's stats tick
-            loaded = total(y, "vllm:disagg_store_loaded_tokens") - loaded
-            t_hit, again = ttft_and_tokens(y, model, prompt)
+            loaded = total(y, "vllm:disagg_store_loaded_tokens", headers=auth) - loaded
+            t_hit, again = ttft_and_tokens(y, model, prompt, auth)
             rows.append({"tier": tier, "prompt": i, "recompute_s": t_cold, "store_s": t_store,
                          "local_hit_s": t_hit, "identical": got == want == again,
                          "loaded_tokens": loaded})

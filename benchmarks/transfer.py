@@ -72,7 +72,8 @@ def holder(conn, num_blocks: int, raw_bytes: int) -> None:
     """The prefill side: serve KV and a raw region; step like an engine until told to stop."""
     caches = _caches(num_blocks, fill=True)
     config = ConnectorConfig(transfer=TransferConfig(lease_s=600))
-    worker = ConnectorWorker(config, "holder", 0, _compat(num_blocks))
+    worker = ConnectorWorker(config, "holder", 0, _compat(num_blocks),
+                             channel_key=b"disagg benchmark side-channel key")  # shared test key
     worker.register({f"layer.{i}": t for i, t in enumerate(caches)}, num_blocks)
     agent, buf = _raw_agent("raw-holder", raw_bytes)
     assert worker._server is not None  # register() opened the side channel
@@ -123,7 +124,8 @@ def measure(tokens: int, repeats: int) -> dict[str, float]:
 
 def _run_reader(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeats):
     caches = _caches(num_blocks, fill=False)
-    reader = ConnectorWorker(ConnectorConfig(), "reader", 0, _compat(num_blocks))
+    reader = ConnectorWorker(ConnectorConfig(), "reader", 0, _compat(num_blocks),
+                             channel_key=b"disagg benchmark side-channel key")  # shared test key
     reader.register({f"layer.{i}": t for i, t in enumerate(caches)}, num_blocks)
     peer = PeerAddress("holder", "127.0.0.1", port)
     counter = iter(range(10**9))

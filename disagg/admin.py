@@ -1,7 +1,8 @@
 """The gateway's operator endpoints.
 
     GET  /v1/disagg/status   instances with load and index share, the prefix index, the
-                             decider's settings, recent routing decisions with reasons
+                             decider's settings, recent routing decisions with reasons,
+                             admission (requests in service, queued, limits)
     POST /v1/disagg/scale    {"prefill": N, "decode": M}: answers once the pools have that size
 
 ``Admin`` reads the parts it is given (pool, index, KV-event feed, decider, recent
@@ -30,15 +31,17 @@ from disagg.tiers import is_store
 # (prefill replicas or None, decode replicas or None) -> the deployment's status afterwards
 Scaler = Callable[[int | None, int | None], dict[str, Any]]
 Authorize = Callable[[Request], None]
+AdmissionState = Callable[[], dict[str, Any]]
 
 
 class Admin:
     def __init__(self, model: str, pool: InstancePool, decider: PrefillDecider,
                  recent: deque[dict[str, Any]], index: PrefixIndex | None,
-                 feed: KVEventFeed | None, authorize: Authorize, scaler: Scaler | None):
+                 feed: KVEventFeed | None, authorize: Authorize, scaler: Scaler | None,
+                 admission: AdmissionState | None = None):
         self._model, self._pool, self._decider, self._recent = model, pool, decider, recent
         self._index, self._feed = index, feed
-        self._authorize, self._scaler = authorize, scaler
+        self._authorize, self._scaler, self._admission = authorize, scaler, admission
 
     def status(self) -> dict[str, Any]:
         """Instances with their load and index share, the index, recent decisions."""
@@ -49,6 +52,7 @@ class Admin:
             "instances": [{
                 "key": m.key, "role": m.info.role, "engine_id": m.info.engine_id,
                 "url": m.info.url, "healthy": m.healthy, "draining": m.draining,
+                "restarts": m.info.restarts,
                 "inflight": m.candidate.inflight, "running": m.candidate.running,
                 "waiting": m.candidate.waiting, "kv_usage": m.candidate.kv_usage,
                 "indexed_blocks": per_holder.get(m.info.engine_id, 0),
@@ -62,6 +66,7 @@ class Admin:
             "decider": {"min_uncached_tokens": self._decider.min_uncached_tokens,
                         "max_prefill_queue": self._decider.max_prefill_queue},
             "recent_decisions": list(self._recent)[-50:],
+            "admission": self._admission() if self._admission is not None else None,
         }
 
     async def status_endpoint(self, request: Request) -> Response:

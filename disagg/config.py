@@ -241,6 +241,23 @@ class ApiConfig(_Strict):
     request_timeout_s: Annotated[float, Field(gt=0)] = Field(
         600.0, description="Longest a client request may take end to end."
     )
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = Field(
+        16 << 20, description="Largest request body accepted; larger ones get 413."
+    )
+    max_n: Annotated[int, Field(ge=1, le=1024)] = Field(
+        16, description="Largest n (and best_of) a request may ask for; more gets 400."
+    )
+    max_inflight: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Requests served at once; None sizes it from the pools "
+        "(decode replicas x engine.max_num_seqs). Beyond it requests queue.",
+    )
+    max_queued: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="Requests waiting for a slot; None: as many as max_inflight. "
+        "Beyond it: 429 with Retry-After.",
+    )
+    queue_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        30.0, description="A queued request that cannot start within this time gets 503."
+    )
 
 
 class Topology(_Strict):
@@ -271,9 +288,9 @@ class ConnectorConfig(_Strict):
     side_channel_host: str = Field(
         "127.0.0.1", description="Address peers use to reach this instance's side channel."
     )
-    side_channel_bind: str = Field(
-        "0.0.0.0", description="Address the side channel binds (differs from the advertised "
-        "host behind NAT).",
+    side_channel_bind: str | None = Field(
+        None, description="Address the side channel binds; None: side_channel_host (set it "
+        "apart from the advertised host behind NAT). Never all interfaces by default.",
     )
     side_channel_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         0, description="Side-channel port of TP rank 0; rank r uses port + r. 0: pick one."

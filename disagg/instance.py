@@ -8,6 +8,7 @@ vLLM's own ``/metrics``. Ray is applied at the edge (``disagg.actor``); this cla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,8 +27,10 @@ import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from disagg.config import ConnectorConfig, EngineArgs, StoreConfig, TransferConfig
+from disagg.credentials import ENGINE_TOKEN_ENV, SECRET_ENV, engine_token, new_secret
 from disagg.scrape import Series
 from disagg.scrape import parse as parse_metrics
+from disagg.vllm_plugin import EXACT_BIND_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class InstanceInfo(BaseModel):
     log_path: str
     kv_events_endpoint: str | None = None  # vLLM's KV-event PUB socket, to connect to
     kv_replay_endpoint: str | None = None  # its replay ROUTER socket
+    restarts: int = 0  # engines this instance restarted after they died (crash loops show)
 
 
 class InstanceLoad(BaseModel):
@@ -115,19 +119,40 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
-class VLLMProcess:
-    """A vLLM OpenAI server with DisaggConnector, owned by this process."""
+def bind_ip(advertised: str) -> str:
+    """The address this node's engines bind: ``DISAGG_BIND_IP`` (behind NAT, where the
+    address peers use is not one of ours), else the advertised address itself. Never all
+    interfaces unless an operator asks for it."""
+    return os.environ.get("DISAGG_BIND_IP") or advertised
 
-    def __init__(self, spec: InstanceSpec):
+
+class VLLMProcess:
+    """A vLLM OpenAI server with DisaggConnector, owned by this process.
+
+    ``secret`` is the deployment's (``disagg.credentials``): the engine requires the token
+    derived from it on every route and its side channel authenticates with it. It reaches
+    the engine through its environment only; None makes a fresh one (a lone instance)."""
+
+    def __init__(self, spec: InstanceSpec, secret: str | None = None):
         self.spec = spec
+        self._secret = secret or new_secret()
+        self._token = engine_token(self._secret)
         self.host = node_ip()
+        self.bind_host = bind_ip(self.host)
         self._pick_ports()
-        self.engine_id = f"{spec.role}-{spec.index}-{uuid.uuid4().hex[:8]}"
-        Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
-        self.log_path = str(Path(spec.log_dir) / f"{self.engine_id}.log")
+        self.restarts = 0
+        self._new_incarnation()
         self._proc: subprocess.Popen | None = None
         self._log_offset = 0  # where the current child's part of the log starts
-        self._http = httpx.Client(timeout=2)  # reused: a client per poll costs real CPU
+        # reused: a client per poll costs real CPU
+        self._http = httpx.Client(timeout=2, headers=self.auth_headers())
+
+    def _new_incarnation(self) -> None:
+        """A new engine id (peers and the gateway's index never mistake a restarted engine
+        for the old one) and its own log."""
+        self.engine_id = f"{self.spec.role}-{self.spec.index}-{uuid.uuid4().hex[:8]}"
+        Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
+        self.log_path = str(Path(self.spec.log_dir) / f"{self.engine_id}.log")
 
     def _pick_ports(self) -> None:
         """HTTP, side-channel (unless fixed by the topology) and KV-event ports, distinct."""
@@ -136,6 +161,10 @@ class VLLMProcess:
         self.side_channel_port = self.spec.side_channel_port or ports[1]
         self.events_port, self.replay_port = (ports[2], ports[3]) if self.spec.kv_events \
             else (0, 0)
+
+    def auth_headers(self) -> dict[str, str]:
+        """What a caller of this engine sends (the engine refuses requests without it)."""
+        return {"Authorization": f"Bearer {self._token}"}
 
     @property
     def url(self) -> str:
@@ -146,7 +175,8 @@ class VLLMProcess:
         this instance's addresses)."""
         store = self.spec.store
         return ConnectorConfig(
-            side_channel_host=self.host, side_channel_port=self.side_channel_port,
+            side_channel_host=self.host, side_channel_bind=self.bind_host,
+            side_channel_port=self.side_channel_port,
             model_name=self.spec.served_model_name, transfer=self.spec.transfer,
             store=store if store.enabled else None)
 
@@ -167,7 +197,8 @@ class VLLMProcess:
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", s.model_path, "--served-model-name", s.served_model_name,
-            "--host", "0.0.0.0", "--port", str(self.port),
+            "--host", self.bind_host, "--port", str(self.port),
+            "--middleware", "disagg.engine_guard.RequireEngineToken",
             "--dtype", e.dtype, "--max-model-len", str(e.max_model_len),
             "--max-num-seqs", str(e.max_num_seqs), "--seed", str(e.seed),
             "--tensor-parallel-size", str(s.tensor_parallel_size),
@@ -186,8 +217,8 @@ class VLLMProcess:
         if self.events_port:
             cmd += ["--kv-events-config", json.dumps({
                 "enable_kv_cache_events": True, "publisher": "zmq",
-                "endpoint": f"tcp://*:{self.events_port}",
-                "replay_endpoint": f"tcp://*:{self.replay_port}"})]
+                "endpoint": f"tcp://{self.bind_host}:{self.events_port}",
+                "replay_endpoint": f"tcp://{self.bind_host}:{self.replay_port}"})]
         return cmd + list(e.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -198,6 +229,11 @@ class VLLMProcess:
             env["DISAGG_CPU_AFFINITY"] = env["VLLM_CPU_OMP_THREADS_BIND"]
         # The engine runs in this process tree; keep Ray from adopting its children.
         env.pop("RAY_ADDRESS", None)
+        # Secrets by environment, never argv (``ps`` shows argv to every local user).
+        env[SECRET_ENV] = self._secret
+        env[ENGINE_TOKEN_ENV] = self._token
+        # The KV-event publisher binds bind_host exactly, not every interface (vllm_plugin).
+        env[EXACT_BIND_ENV] = "1"
         return env
 
     def start(self) -> None:
@@ -274,7 +310,21 @@ class VLLMProcess:
             else None,
             kv_replay_endpoint=f"tcp://{self.host}:{self.replay_port}" if self.replay_port
             else None,
+            restarts=self.restarts,
         )
+
+    def exit_code(self) -> int | None:
+        """The engine's exit status once it died by itself; None while it runs or after
+        ``stop``."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def restart(self) -> None:
+        """Replace a dead (or stuck) engine with a new incarnation on fresh ports."""
+        self.stop(timeout_s=5)
+        self.restarts += 1
+        self._new_incarnation()
+        self._pick_ports()
+        self.start()
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """Ask the supervisor to stop vLLM's process group; SIGKILL it after ``timeout_s``."""
@@ -285,10 +335,10 @@ class VLLMProcess:
         try:
             self._proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait(timeout=5)
         self._proc = None
-        self._http.close()
 
 
 def root_cause(log: str) -> str | None:

@@ -34,6 +34,22 @@ class GatewayMetrics:
                                   "(tier store).", ["instance", "tier"], registry=r)
         self.imbalance = Gauge("disagg_load_imbalance", "Requests queued on the busiest "
                                "instance minus on the idlest, per role.", ["role"], registry=r)
+        self.instance_restarts = Gauge(
+            "disagg_instance_restarts", "Engines an instance restarted after they died; a "
+            "climbing value is a crash loop.", ["role", "instance"], registry=r)
+        self.dropped_fields = Counter("disagg_dropped_fields", "Fields only the gateway may "
+                                      "set (kv_transfer_params & co.) that clients sent and "
+                                      "the gateway dropped.", ["field"], registry=r)
+        self.admitted = Counter("disagg_admitted", "Requests admitted to service (at once or "
+                                "after queueing).", registry=r)
+        self.rejected = Counter("disagg_rejected", "Requests refused with 429: every slot "
+                                "taken and the admission queue full.", registry=r)
+        self.queue_timeouts = Counter("disagg_queue_timeouts", "Queued requests answered 503: "
+                                      "no slot within queue_timeout_s.", registry=r)
+        self.queue_depth = Gauge("disagg_queue_depth", "Requests waiting for a slot.",
+                                 registry=r)
+        self.in_service = Gauge("disagg_in_service", "Requests holding a slot (being served).",
+                                registry=r)
         self.instance_up = Gauge("disagg_instance_up", "1 while an instance is healthy.",
                                  ["role", "instance"], registry=r)
         # Mirrored from each instance's vLLM /metrics on every poll (counters upstream).

@@ -12,9 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def series(url: str, prefix: str = "", timeout_s: float = 10.0) -> Series:
-    """Every sample under ``url/metrics`` whose name starts with ``prefix`` (see ``parse``)."""
-    return parse(httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s).text, prefix)
+def series(url: str, prefix: str = "", timeout_s: float = 10.0,
+           headers: dict[str, str] | None = None) -> Series:
+    """Every sample under ``url/metrics`` whose name starts with ``prefix`` (see ``parse``).
+    ``headers``: e.g. an engine's Authorization (``Deployment.engine_headers()``)."""
+    resp = httpx.get(f"{url.rstrip('/')}/metrics", timeout=timeout_s, headers=headers)
+    resp.raise_for_status()
+    return parse(resp.text, prefix)
 
 
 def parse(text: str, prefix: str = "") -> Series:
@@ -31,11 +35,13 @@ def parse(text: str, prefix: str = "") -> Series:
     return out
 
 
-def total(data: Series | str, name: str, **labels: str) -> float:
+def total(data: Series | str, name: str, *, headers: dict[str, str] | None = None,
+          **labels: str) -> float:
     """Sum of series ``name`` (with or without ``_total``) over samples whose labels include
-    ``labels``. ``data`` is what ``series`` returned, or a URL to scrape now."""
+    ``labels``. ``data`` is what ``series`` returned, or a URL to scrape now (with
+    ``headers``)."""
     if isinstance(data, str):
-        data = series(data, name.removesuffix("_total"))
+        data = series(data, name.removesuffix("_total"), headers=headers)
     name = name.removesuffix("_total")
     want = set(labels.items())
     return sum(v for (n, lab), v in data.items() if n == name and want <= set(lab))

@@ -22,8 +22,11 @@ from disagg.launch.placement import assign_cores
 
 
 class InstanceActors:
-    def __init__(self, name: str, topology: Topology, served_model_name: str, log_dir: Path):
+    def __init__(self, name: str, topology: Topology, served_model_name: str, log_dir: Path,
+                 secret: str):
+        """``secret``: the deployment's (``disagg.credentials``), handed to every actor."""
         self.name = name
+        self._secret = secret
         self.topology = topology  # replicas follow scaling (``resized``)
         self._served_model_name = served_model_name
         self._log_dir = log_dir
@@ -75,7 +78,8 @@ class InstanceActors:
             "max_restarts": -1, "max_task_retries": 0, "name": f"{self.name}-{key}"}
         if pool.resources.memory_gib:
             opts["memory"] = int(pool.resources.memory_gib * 2**30)
-        self._handles[key] = RemoteInstance.options(**opts).remote(spec.model_dump_json())
+        self._handles[key] = RemoteInstance.options(**opts).remote(spec.model_dump_json(),
+                                                                  self._secret)
         return key
 
     def wait_ready(self, keys: list[str], timeout_s: float) -> dict[str, InstanceInfo]:

@@ -30,6 +30,7 @@ from typing import Any
 import ray
 
 from disagg.config import Topology
+from disagg.credentials import deployment_secret, engine_token
 from disagg.gateway import Gateway, ServedModel
 from disagg.instance import InstanceInfo, Role, free_port, stop_local_supervisor
 from disagg.launch.actors import InstanceActors
@@ -69,8 +70,11 @@ class Deployment:
         self.served_model_name = topology.api.served_model_name or (
             topology.model if builtin else Path(self.model_path).name)
         self.instances: dict[str, InstanceInfo] = {}  # every instance started, by key
+        # Per deployment, in memory only: engines accept only the gateway (a token derived
+        # from it), and their side channels authenticate with it.
+        self._secret = deployment_secret()
         self._actors = InstanceActors(self.name, topology, self.served_model_name,
-                                      self.log_dir)
+                                      self.log_dir, self._secret)
         self._server: GatewayServer | None = None
         self._started_ray = started_ray
         self._closed = False
@@ -96,12 +100,15 @@ class Deployment:
                            "index", exc)
             per_token = None
         metrics = GatewayMetrics()
-        pool = InstancePool(metrics, locate=self._actors.locate)
+        token = engine_token(self._secret)
+        pool = InstancePool(metrics, locate=self._actors.locate, engine_token=token)
         for key, info in self.instances.items():
             pool.add(key, info)
         model = ServedModel(self.served_model_name, self.model_path, t.engine.max_model_len,
                             t.engine.block_size, per_token)
-        gateway = Gateway(pool, metrics, model, t.scheduler, t.api, t.store, scaler=self.scale)
+        gateway = Gateway(pool, metrics, model, t.scheduler, t.api, t.store, scaler=self.scale,
+                          engine_token=token, max_inflight=t.api.max_inflight
+                          or t.decode.replicas * t.engine.max_num_seqs)
         bind_port = port if port is not None else (t.api.port or free_port(t.api.host))
         self._server = GatewayServer(gateway, t.api.host, bind_port)
         self._server.start()
@@ -124,9 +131,15 @@ class Deployment:
         members = self._server.gateway.pool.members.values() if self._server else []
         return {"url": self.url, "model": self.served_model_name, "instances": [
             {"key": m.key, "role": m.info.role, "engine_id": m.info.engine_id,
-             "url": m.info.url, "healthy": m.healthy, "inflight": m.candidate.inflight,
+             "url": m.info.url, "healthy": m.healthy, "restarts": m.info.restarts,
+             "inflight": m.candidate.inflight,
              "running": m.candidate.running, "waiting": m.candidate.waiting,
              "kv_usage": m.candidate.kv_usage, "log": m.info.log_path} for m in members]}
+
+    def engine_headers(self) -> dict[str, str]:
+        """What a caller of this deployment's engines must send (they refuse anyone else):
+        for operators and tests reading an instance's own /metrics."""
+        return {"Authorization": f"Bearer {engine_token(self._secret)}"}
 
     def actor(self, key: str) -> Any:
         """The Ray actor of instance ``key`` (e.g. ``"prefill-0"``)."""

@@ -73,6 +73,7 @@ pip install "${PIP_ARGS[@]}" --no-deps nixl==1.5.1
 # Dependencies (with the dev and benchmark extras), then the package itself as a link tree.
 pip install "${PIP_ARGS[@]}" '.[dev,bench]'
 pip uninstall -y -q disagg
+rm -rf build/lib build/bdist.* # left by the wheel build above; the link tree lives beside them
 link_tree
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 package_files > "$FILES_STAMP"

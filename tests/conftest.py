@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from disagg.credentials import SECRET_ENV, new_secret
+
+# One deployment secret for the session, so tests can talk to engines directly (they refuse
+# anyone without the token derived from it: disagg.credentials).
+os.environ.setdefault(SECRET_ENV, new_secret())
 os.environ.setdefault("DISAGG_CACHE_DIR", str(Path(__file__).resolve().parent.parent
                                               / ".cache" / "disagg"))
 

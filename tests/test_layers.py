@@ -36,7 +36,7 @@ ALLOWED = {
 
 def layer_of(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] in ("config", "tiers"):
+    if len(parts) == 1 or parts[1] in ("config", "tiers", "credentials"):
         return "config"
     if len(parts) > 1 and parts[1] in ("kernels", "transfer", "scheduler", "launch", "bench"):
         return parts[1]

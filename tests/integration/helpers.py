@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from disagg.credentials import SECRET_ENV, engine_token
 from disagg.instance import free_port
 from disagg.scrape import total
 
@@ -84,11 +85,12 @@ def complete(url: str, model: str, prompt, max_tokens: int, stream: bool,
         body["prompt"] = prompt
         path = "/v1/completions"
     if not stream:
-        r = httpx.post(url + path, json=body, timeout=timeout)
+        r = httpx.post(url + path, json=body, timeout=timeout, headers=engine_headers())
         r.raise_for_status()
         return list(r.json()["choices"][0]["token_ids"])
     ids: list[int] = []
-    with httpx.stream("POST", url + path, json=body, timeout=timeout) as r:
+    with httpx.stream("POST", url + path, json=body, timeout=timeout,
+                      headers=engine_headers()) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -98,6 +100,13 @@ def complete(url: str, model: str, prompt, max_tokens: int, stream: bool,
     return ids
 
 
+def engine_headers() -> dict[str, str]:
+    """The Authorization every engine of this test session's deployments requires (the
+    session pins the deployment secret: tests/conftest.py). The gateway ignores it."""
+    return {"Authorization": f"Bearer {engine_token(os.environ[SECRET_ENV])}"}
+
+
 def scrape(url: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus series (``name`` without _total) across matching labels."""
-    return total(url, name, **labels)
+    """Sum of a Prometheus series (``name`` without _total) across matching labels, from a
+    gateway or an engine."""
+    return total(url, name, headers=engine_headers(), **labels)

@@ -120,6 +120,37 @@ def test_health_status_and_metrics(dep):
         assert name in text
 
 
+# Routes vLLM's own --api-key leaves open (it guards /v1, /v2, /inference, /cohere only);
+# /invocations runs completions.
+OPEN_IN_VLLM = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/ping"), ("GET", "/version"),
+                ("GET", "/load"), ("POST", "/tokenize"), ("POST", "/invocations"),
+                ("GET", "/v1/models"), ("POST", "/v1/completions")]
+
+
+def test_engines_answer_only_the_deployment(dep):
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    for info in dep.instances.values():
+        for method, path in OPEN_IN_VLLM:
+            for headers in ({}, AUTH, {"Authorization": "Bearer wrong"}):  # AUTH: the
+                # gateway's client key is not the engine token
+                r = httpx.request(method, info.url + path, json=body, headers=headers,
+                                  timeout=30)
+                assert r.status_code == 401, (info.url, method, path, r.status_code)
+        ok = httpx.get(info.url + "/health", headers=dep.engine_headers(), timeout=30)
+        assert ok.status_code == 200
+        # Every socket the engine itself serves binds the node's address, not all
+        # interfaces: HTTP, KV events and replay, side channel.
+        ports = {int(info.url.rsplit(":", 1)[1]), info.side_channel_port,
+                 *(int(e.rsplit(":", 1)[1]) for e in (info.kv_events_endpoint,
+                                                      info.kv_replay_endpoint) if e)}
+        root = psutil.Process(info.pid)
+        listening = {(c.laddr.ip, c.laddr.port) for p in [root, *root.children(True)]
+                     for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        ours = {(ip, port) for ip, port in listening if port in ports}
+        assert {port for _, port in ours} == ports, (ports, listening)
+        assert all(ip == "127.0.0.1" for ip, _ in ours), ours
+
+
 def test_idle_instance_uses_under_5_percent_of_a_core(dep):
     time.sleep(3)  # let the last request's stragglers finish
     procs = []
@@ -130,8 +161,8 @@ def test_idle_instance_uses_under_5_percent_of_a_core(dep):
     window = 10.0
     time.sleep(window)
     used = {p.pid: sum(p.cpu_times()[:2]) - before[p.pid] for p in procs}
-    per_holder = sum(used.values()) / len(dep.instances) / window
-    assert per_holder < 0.05, f"idle instance uses {per_holder:.1%} of a core: {used}"
+    per_instance = sum(used.values()) / len(dep.instances) / window
+    assert per_instance < 0.05, f"idle instance uses {per_instance:.1%} of a core: {used}"
 
 
 # ---- conditional disaggregation and the prefix index (decider at its default threshold) ---
@@ -269,3 +300,24 @@ def test_killing_the_prefill_actor_loses_no_request(dep):
     while scrape(dec, "vllm:disagg_kv_transfers_received") < pulls + 3:
         assert time.monotonic() < deadline, "no pull from the restarted prefill instance"
         time.sleep(1)
+
+
+def test_a_dead_engine_restarts_under_its_living_actor(dep):
+    """SIGKILL the decode engine (its actor lives on): the actor's watchdog starts a new
+    incarnation within seconds, the gateway follows it, and requests are served again."""
+    old = next(m.info for m in dep.gateway.pool.members.values() if m.info.role == "decode")
+    server = psutil.Process(old.pid).children()[0]  # vLLM's API server under the supervisor
+    server.kill()
+    deadline = time.monotonic() + 600
+    while True:
+        dec = next(i for i in dep.status()["instances"] if i["role"] == "decode")
+        if dec["engine_id"] != old.engine_id and dec["healthy"]:
+            break
+        assert time.monotonic() < deadline, dep.status()
+        time.sleep(2)
+    new = next(m.info for m in dep.gateway.pool.members.values() if m.info.role == "decode")
+    assert new.restarts == 1 and new.url != old.url
+    assert dep.gateway.index.stats().per_holder.get(old.engine_id, 0) == 0
+    assert [_generate(dep, 20 + i) for i in range(2)]
+    assert scrape(dep.url, "disagg_instance_restarts", instance="decode-0") == 1
+

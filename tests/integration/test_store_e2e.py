@@ -14,7 +14,7 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.helpers import complete, scrape, token_prompts
+from tests.integration.helpers import complete, engine_headers, scrape, token_prompts
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,7 @@ def _fallback_when_the_prefill_dies(dep) -> None:
     want = complete(p, "tiny", prompt, 16, stream=False)  # reference; P saves chunks
     _wait_counter(p, "vllm:disagg_store_saved_chunks", 5)
     # The prefill hop as the gateway makes it: P keeps the KV for a decoder to pull...
-    hop = httpx.post(p + "/v1/completions", timeout=120, json={
+    hop = httpx.post(p + "/v1/completions", timeout=120, headers=engine_headers(), json={
         "model": "tiny", "prompt": prompt, "max_tokens": 1,
         "kv_transfer_params": {"do_remote_decode": True}}).json()
     params = hop["kv_transfer_params"]
@@ -84,7 +84,7 @@ def _fallback_when_the_prefill_dies(dep) -> None:
     ray.kill(dep.actor("prefill-0"), no_restart=True)
     time.sleep(2)
     before = _sources(d)
-    r = httpx.post(d + "/v1/completions", timeout=120, json={
+    r = httpx.post(d + "/v1/completions", timeout=120, headers=engine_headers(), json={
         "model": "tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0,
         "ignore_eos": True, "return_token_ids": True, "kv_transfer_params": params})
     assert r.status_code == 200, r.text
