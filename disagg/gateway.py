@@ -1,7 +1,9 @@
 """OpenAI-compatible gateway: validates, pairs a prefill with a decode, and relays.
 
     client -> POST /v1/(chat/)completions
-      1. auth, JSON, model, max_tokens checks            (4xx, OpenAI error body)
+      1. auth, body size, JSON, field checks (disagg.validation; 4xx, OpenAI error body);
+         fields only the gateway sets (kv_transfer_params & co.) dropped
+         admission: a slot (held to the end of the response), else queued, 429 or 503
       2. tokenize, block hashes, prefix hits per instance (from the KV-event index)
       3. decode = decode policy; the decider says whether the decoder's uncached part of
          the prompt is worth a prefill hop (else: local prefill on the decoder)
@@ -12,18 +14,19 @@
       5. decode: original body + the prefill's kv_transfer_params, streamed back verbatim
 
 The client never sees a prefill fault; a decode that fails before answering is retried once
-on another decoder.
+on another decoder. Nothing unexpected leaves as a bare 500: every error has an OpenAI body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +34,22 @@ from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from disagg.admin import Admin, Scaler
+from disagg.admission import (
+    Abandoned,
+    Admission,
+    HeldStream,
+    QueueFull,
+    QueueTimeout,
+    Slot,
+    client_gone,
+)
 from disagg.config import ApiConfig, SchedulerConfig, StoreConfig
-from disagg.errors import APIError
+from disagg.errors import APIError, http_error, unexpected_error, upstream_error
 from disagg.instance import InstanceInfo
 from disagg.kv_feed import KVEventFeed
 from disagg.metrics import GatewayMetrics
@@ -46,8 +59,10 @@ from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
 from disagg.scheduler.kv_index import PrefixIndex
 from disagg.tiers import capacity_blocks, is_store, loadable_by
+from disagg.validation import check_model, check_request, parse_json, read_body, strip_internal
 
 logger = logging.getLogger(__name__)
+DEFAULT_MAX_INFLIGHT = 256  # without api.max_inflight or the launcher's pool-sized value
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +82,18 @@ class Gateway:
 
     def __init__(self, pool: InstancePool, metrics: GatewayMetrics, model: ServedModel,
                  scheduler: SchedulerConfig, api: ApiConfig, store: StoreConfig,
-                 scaler: Scaler | None = None, hasher: RequestHasher | None = None):
+                 scaler: Scaler | None = None, hasher: RequestHasher | None = None,
+                 engine_token: str | None = None, max_inflight: int | None = None):
+        """``engine_token``: the Bearer token the deployment's engines require (they accept
+        no request without it; ``disagg.credentials``). ``max_inflight``: requests served
+        at once, as the launcher sizes it (decode replicas x max_num_seqs); None:
+        ``api.max_inflight`` or DEFAULT_MAX_INFLIGHT."""
         self.pool, self.metrics, self.model = pool, metrics, model
         self.api_key = api.api_key
+        self._max_body, self._max_n = api.max_body_bytes, api.max_n
+        limit = max_inflight or api.max_inflight or DEFAULT_MAX_INFLIGHT
+        self.admission = Admission(limit, limit if api.max_queued is None else api.max_queued,
+                                   api.queue_timeout_s, on_change=self._admission_changed)
         self.prefill_policy = make_policy(scheduler.prefill_policy,
                                           scheduler.policy_options.get(scheduler.prefill_policy))
         self.decode_policy = make_policy(scheduler.decode_policy,
@@ -84,9 +108,11 @@ class Gateway:
             if self.index is not None else None
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)  # routing decisions
         self.admin = Admin(model.name, pool, self.decider, self.recent, self.index, self.feed,
-                           self._authorize, scaler)
+                           self._authorize, scaler, admission=self.admission.state)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._timeout = httpx.Timeout(api.request_timeout_s, connect=5.0)
+        self._engine_headers = {"Authorization": f"Bearer {engine_token}"} \
+            if engine_token else {}
         self._http: httpx.AsyncClient | None = None  # opened with the app (lifespan)
         self.app = self._build_app()
 
@@ -105,7 +131,8 @@ class Gateway:
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-            self._http = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+            self._http = httpx.AsyncClient(timeout=self._timeout, limits=limits,
+                                           headers=self._engine_headers)
             self.loop = asyncio.get_running_loop()
             if self.feed is not None:
                 self.feed.start()
@@ -118,6 +145,8 @@ class Gateway:
 
         app = FastAPI(title="disagg", lifespan=lifespan)
         app.exception_handler(APIError)(lambda _req, exc: exc.response())
+        app.exception_handler(HTTPException)(http_error)  # unknown path, wrong method
+        app.exception_handler(Exception)(unexpected_error)  # outside _serve's own catch-all
         app.get("/health")(self.health)
         app.get("/metrics")(self.prometheus)
         app.get("/v1/models")(self.models)
@@ -183,7 +212,7 @@ class Gateway:
         return capacity_blocks(holder, s.cpu_bytes, s.disk_bytes, s.redis_bytes,
                                self.model.kv_bytes_per_token * block_size)
 
-    # ---- validation -------------------------------------------------------------------------
+    # ---- validation and admission ----------------------------------------------------------
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -192,51 +221,103 @@ class Gateway:
                            code="invalid_api_key")
 
     async def _parse(self, request: Request, path: str) -> dict[str, Any]:
+        """The checked body, without the fields only the gateway sets (disagg.validation)."""
         self._authorize(request)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
-        if body.get("model") != self.model.name:
-            if "model" not in body:
-                raise APIError(400, "missing required field 'model'", param="model")
-            raise APIError(404, f"model {body['model']!r} does not exist; this server serves "
-                           f"{self.model.name!r}", param="model", code="model_not_found")
-        field = "prompt" if path == "/v1/completions" else "messages"
-        if field not in body:
-            raise APIError(400, f"missing required field {field!r}", param=field)
-        for name in ("max_tokens", "max_completion_tokens"):
-            value = body.get(name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 1):
-                raise APIError(400, f"{name} must be a positive integer, got {value!r}",
-                               param=name)
-        if not isinstance(body.get("stream", False), bool):
-            raise APIError(400, "stream must be a boolean", param="stream")
+        body = parse_json(await read_body(request, self._max_body))
+        check_model(body, self.model.name)
+        for name in strip_internal(body):
+            self.metrics.dropped_fields.labels(name).inc()
+        check_request(body, path, self._max_n, self.model.max_model_len)
         return body
+
+    async def _admit(self, request: Request) -> Slot:
+        """A slot in service: at once, or after queueing (429 queue full, 503 timeout)."""
+        try:
+            slot = self.admission.try_acquire() or \
+                await self.admission.acquire(abandon=client_gone(request))
+        except QueueFull as exc:
+            self.metrics.rejected.inc()
+            raise APIError(429, f"the server is at capacity; retry after {exc.retry_after_s} s",
+                           code="rate_limit_exceeded",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except QueueTimeout as exc:
+            self.metrics.queue_timeouts.inc()
+            raise APIError(503, f"the server is at capacity: {exc}", code="queue_timeout",
+                           headers={"Retry-After": str(self.admission.retry_after_s())}) \
+                from None
+        except Abandoned:  # nobody reads this answer
+            raise APIError(499, "the client closed the request while queued") from None
+        self.metrics.admitted.inc()
+        return slot
+
+    def _admission_changed(self, admission: Admission) -> None:
+        self.metrics.queue_depth.set(admission.queued)
+        self.metrics.in_service.set(admission.inflight)
 
     # ---- serving ----------------------------------------------------------------------------
     async def _serve(self, request: Request, path: str) -> Response:
+        """Validate, admit, route and answer; the slot is held until the response ends."""
         start = time.perf_counter()
+        info = RequestInfo(f"disagg-{uuid.uuid4().hex[:16]}", headers=dict(request.headers))
+        slot: Slot | None = None
+        response: Response | None = None
         try:
             body = await self._parse(request, path)
-            rid = f"disagg-{uuid.uuid4().hex[:16]}"
-            info = RequestInfo(rid, headers=dict(request.headers))
-            await self._annotate(path, body, info)
-            decoder = self._pick("decode", info)
+            slot = await self._admit(request)
+            response = await self._unless_gone(request, self._route(path, body, info, start),
+                                               info)
+        except APIError as exc:
+            self.metrics.requests.labels(path, str(exc.status)).inc()
+            response = exc.response()
+        except Exception:
+            logger.exception("request %s: unexpected error", info.request_id)
+            self.metrics.requests.labels(path, "500").inc()
+            response = APIError(500, f"internal error (request {info.request_id})",
+                                code="internal_error").response()
+        finally:
+            if slot is not None:
+                if isinstance(response, HeldStream):
+                    response.closers.append(slot.release)
+                else:
+                    slot.release()
+        return response
+
+    async def _unless_gone(self, request: Request, work: Awaitable[Response],
+                           info: RequestInfo) -> Response:
+        """``work``'s response, unless the client disconnects first: then ``work`` is
+        cancelled, which closes its connections to the engines, and vLLM aborts the request
+        there (prefill or decode) at once instead of computing an answer nobody reads.
+        A streamed answer is past this point: closing its stream aborts it likewise."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(client_gone(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody to tell
+            await task
+        self.metrics.failures.labels("client", "gateway").inc()
+        logger.info("request %s: the client went away before the answer; aborted",
+                    info.request_id)
+        raise APIError(499, "the client closed the request", code="client_closed")
+
+    async def _route(self, path: str, body: dict[str, Any], info: RequestInfo,
+                     start: float) -> Response:
+        await self._annotate(path, body, info)
+        decoder = self._pick("decode", info)
+        if decoder.info.role == "prefill":  # degraded: no decoder; serve it all there
+            decision = Decision(False, "no_decode_instance")
+        else:
             prefill = [m.candidate for m in self.pool.available("prefill")]
             decision = self.decider.decide(info.uncached_tokens(decoder.info.engine_id),
                                            prefill)
-            self._record(info, decoder, decision)
-            self._expect(decoder, info)
-            kv_params = await self._prefill(path, body, info) if decision.remote else None
-            response = await self._decode(path, body, kv_params, info, start, decoder)
-        except APIError as exc:
-            self.metrics.requests.labels(path, str(exc.status)).inc()
-            return exc.response()
-        return response
+        self._record(info, decoder, decision)
+        self._expect(decoder, info)
+        kv_params = await self._prefill(path, body, info) if decision.remote else None
+        return await self._decode(path, body, kv_params, info, start, decoder)
 
     def _record(self, info: RequestInfo, decoder: Member, decision: Decision) -> None:
         """Count the decision and its prefix hit; keep it for /v1/disagg/status."""
@@ -266,7 +347,14 @@ class Gateway:
 
     def _pick(self, role: str, info: RequestInfo,
               exclude: frozenset[str] | set[str] = frozenset()) -> Member:
+        """The policy's choice among ``role``'s healthy instances. With no healthy decoder,
+        the prefill instances (whole vLLM engines) take whole requests: degraded, not 503."""
         members = [m for m in self.pool.available(role) if m.key not in exclude]
+        if not members and role == "decode":
+            members = [m for m in self.pool.available("prefill") if m.key not in exclude]
+            if members:
+                logger.warning("request %s: no healthy decode instance; served whole by a "
+                               "prefill instance", info.request_id)
         if not members:
             raise APIError(503, f"no healthy {role} instance", code="no_instance")
         policy = self.prefill_policy if role == "prefill" else self.decode_policy
@@ -313,20 +401,25 @@ class Gateway:
             try:
                 resp = await self._client.post(member.info.url + path, json=pbody,
                                                headers={"X-Request-Id": info.request_id})
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # noqa: BLE001  # any transport fault: decode locally
+                # (not only httpx.HTTPError: a peer that resets mid-connect can surface as
+                # OSError or, through anyio, AttributeError on the closed socket)
                 return self._prefill_failed(member, info, exc)
         self.metrics.prefill_hop.observe(time.perf_counter() - t0)
         if 400 <= resp.status_code < 500:
-            raise _upstream_error(resp)
+            raise upstream_error(resp.status_code, resp.content)
         if resp.status_code != 200:
             return self._prefill_failed(member, info, f"HTTP {resp.status_code}")
-        params = resp.json().get("kv_transfer_params")
+        try:
+            params = resp.json().get("kv_transfer_params")
+        except (ValueError, AttributeError):
+            params = None
         if not params:
             return self._prefill_failed(member, info, "no kv_transfer_params in the answer")
         return params
 
     def _prefill_failed(self, member: Member, info: RequestInfo,
-                        why: httpx.HTTPError | str) -> dict | None:
+                        why: Exception | str) -> dict | None:
         """Count a failed prefill hop; always None: the decoder prefills locally."""
         logger.warning("request %s: prefill on %s (%s) failed, decoding locally: %s",
                        info.request_id, member.key, member.info.engine_id, _describe(why))
@@ -348,7 +441,7 @@ class Gateway:
             inflight = member.admit()
             try:
                 resp = await self._client.send(req, stream=True)
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # noqa: BLE001  # nothing sent to the client yet: retry
                 inflight.release()
                 logger.warning("request %s: decode on %s failed: %s", info.request_id,
                                member.key, _describe(exc))
@@ -361,7 +454,8 @@ class Gateway:
     async def _relay(self, path: str, resp: httpx.Response, inflight: Inflight, stream: bool,
                      start: float) -> Response:
         """Answer the client from the decoder's response; ``inflight`` is released when
-        the response is done (at once, or at the end of the stream)."""
+        the response is done (at once, or at the end of the stream). An error answer
+        keeps its status and message, in the OpenAI shape."""
         if resp.status_code != 200 or not stream:
             try:
                 content = await resp.aread()
@@ -369,10 +463,12 @@ class Gateway:
                 await resp.aclose()
                 inflight.release()
             self._finish(path, resp.status_code, start, first=None)
+            if resp.status_code != 200:
+                return upstream_error(resp.status_code, content).response()
             return Response(content, status_code=resp.status_code,
                             media_type=resp.headers.get("content-type", "application/json"))
-        return StreamingResponse(self._pipe(path, resp, inflight, start),
-                                 media_type="text/event-stream")
+        return HeldStream(self._pipe(path, resp, inflight, start),
+                          media_type="text/event-stream", closers=[inflight.release, resp.aclose])
 
     async def _pipe(self, path: str, resp: httpx.Response, inflight: Inflight,
                     start: float) -> AsyncIterator[bytes]:
@@ -387,6 +483,11 @@ class Gateway:
                     self.metrics.itl.observe(now - last)
                 last = now
                 yield chunk
+        except httpx.HTTPError as exc:  # the decoder broke off: end the stream cleanly
+            logger.warning("request %s: decode stream broke off: %s",
+                           resp.request.headers.get("X-Request-Id"), _describe(exc))
+            error = APIError(502, "the decode instance broke off the stream", code="upstream")
+            yield f"data: {json.dumps(error.body())}\n\n".encode()
         finally:
             await resp.aclose()
             inflight.release()
@@ -400,15 +501,5 @@ class Gateway:
             self.metrics.e2e.observe(now - start)
 
 
-def _describe(why: httpx.HTTPError | str) -> str:
+def _describe(why: Exception | str) -> str:
     return why if isinstance(why, str) else f"{type(why).__name__}: {why}"
-
-
-def _upstream_error(resp: httpx.Response) -> APIError:
-    """Turn an instance's 4xx into our error, keeping vLLM's message."""
-    try:
-        err = resp.json().get("error", {})
-        message = err.get("message") or resp.text
-        return APIError(resp.status_code, message, param=err.get("param"))
-    except ValueError:
-        return APIError(resp.status_code, resp.text or f"HTTP {resp.status_code}")

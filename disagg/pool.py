@@ -80,12 +80,22 @@ class Member:
 
 class InstancePool:
     def __init__(self, metrics: GatewayMetrics, locate: Locate | None = None,
-                 interval_s: float = 0.5, timeout_s: float = 2.0):
+                 interval_s: float = 0.5, timeout_s: float = 2.0,
+                 engine_token: str | None = None, idle_interval_s: float = 2.0,
+                 idle_after_s: float = 5.0):
+        """Instances are polled every ``interval_s`` while the pool is busy (a request in
+        flight within the last ``idle_after_s``) and every ``idle_interval_s`` when idle:
+        rendering vLLM's /metrics is the main cost of an idle engine, and an idle pool's
+        load figures are all zero anyway. A dead engine still shows within
+        ``idle_interval_s`` (its actor's watchdog restarts it regardless)."""
         self.members: dict[str, Member] = {}
         self._metrics = metrics
         self._locate = locate
-        self._interval = interval_s
-        self._client = httpx.AsyncClient(timeout=timeout_s)
+        self._interval, self._idle_interval = interval_s, max(idle_interval_s, interval_s)
+        self._idle_after = idle_after_s
+        self._last_busy = time.monotonic()
+        headers = {"Authorization": f"Bearer {engine_token}"} if engine_token else {}
+        self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers)
         self._task: asyncio.Task | None = None
         self.listeners: list[Listener] = []
 
@@ -119,7 +129,23 @@ class InstancePool:
         while True:
             await asyncio.gather(*(self._check(m) for m in list(self.members.values())),
                                  return_exceptions=True)
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Sleep one poll interval; an idle pool's longer sleep ends early at the first
+        request in flight."""
+        now = time.monotonic()
+        if any(m.candidate.inflight for m in self.members.values()):
+            self._last_busy = now
+        if now - self._last_busy < self._idle_after:
             await asyncio.sleep(self._interval)
+            return
+        deadline = now + self._idle_interval
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self._interval)
+            if any(m.candidate.inflight for m in self.members.values()):
+                self._last_busy = time.monotonic()
+                return
 
     async def _check(self, m: Member) -> None:
         try:
@@ -134,6 +160,7 @@ class InstancePool:
                 logger.info("instance %s (%s) up at %s", m.key, m.info.engine_id, m.info.url)
             m.healthy, m.down_since = True, None
         self._metrics.instance_up.labels(m.info.role, m.key).set(1 if m.healthy else 0)
+        self._metrics.instance_restarts.labels(m.info.role, m.key).set(m.info.restarts)
 
     def _observe(self, m: Member, text: str) -> None:
         series = parse_metrics(text, "vllm:")

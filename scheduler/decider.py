@@ -25,7 +25,9 @@ class Decision:
 
 
 REASONS = ("no_prefill_instance", "short_uncached", "prefill_saturated", "long_uncached",
-           "unknown_length", "always_remote")
+           "unknown_length", "always_remote", "no_decode_instance")
+# no_decode_instance: every decoder is down, so a prefill instance (a whole vLLM) serves the
+# request end to end; the gateway decides that, not PrefillDecider.
 
 
 class PrefillDecider:

@@ -6,6 +6,9 @@ release paths (notification, abort notice, lease expiry), as counted in Transfer
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import signal
 import time
 
 import torch
@@ -21,6 +24,7 @@ from disagg.transfer.connector.worker_half import ConnectorWorker
 from disagg.transfer.control.messages import Compat
 
 NB, LAYERS = 16, 2
+KEY = b"test side-channel key, 32 bytes!"  # the channel key every test worker shares
 
 
 def connector_config(store: StoreConfig | None = None, **fields) -> ConnectorConfig:
@@ -30,12 +34,13 @@ def connector_config(store: StoreConfig | None = None, **fields) -> ConnectorCon
     return ConnectorConfig(transfer=TransferConfig(**transfer), store=store, **fields)
 
 
-def _worker(name: str, fill: bool, **fields) -> tuple[ConnectorWorker, list[torch.Tensor]]:
+def _worker(name: str, fill: bool, channel_key: bytes | None = KEY,
+            **fields) -> tuple[ConnectorWorker, list[torch.Tensor]]:
     caches = [(torch.randn if fill else torch.zeros)(NB, 2, 16, 32).to(torch.bfloat16)
               for _ in range(LAYERS)]
     compat = Compat(model="m", dtype="bfloat16", block_size=16, num_layers=LAYERS,
                     plane_bytes=[caches[0][0].numel() * 2] * LAYERS)
-    w = ConnectorWorker(connector_config(**fields), name, 0, compat)
+    w = ConnectorWorker(connector_config(**fields), name, 0, compat, channel_key=channel_key)
     w.register({f"l{i}": t for i, t in enumerate(caches)}, NB)
     return w, caches
 
@@ -89,6 +94,59 @@ def test_pull_from_a_dead_peer_fails_fast_and_reports_load_errors():
         assert d.take_stats().data["kv_transfer_failures"] == 1
     finally:
         d.close()
+
+
+def _serve_prefill(name: str, ports: mp.Queue, stop: mp.Event) -> None:
+    """A prefill worker in its own process (killed by the test), holding one request."""
+    p, _ = _worker(name, True, lease_s=60)
+    p.start(DisaggMetadata(sends={"a": 60.0}))
+    ports.put(p._server.port)
+    while not stop.is_set():
+        p.finished()
+        time.sleep(0.005)
+
+
+def _pull_twice_across_a_kill(results: mp.Queue) -> None:
+    """The decoder side, in its own process: pull from a prefill process, SIGKILL it, pull
+    again. Reports (load errors after the first pull, after the second, failures counted)."""
+    ctx = mp.get_context("spawn")
+    ports, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_serve_prefill, args=("p4", ports, stop), daemon=True)
+    proc.start()
+    d, _ = _worker("d4", False, handshake_timeout_s=0.5, transfer_timeout_s=5)
+    peer = PeerAddress("p4", "127.0.0.1", ports.get(timeout=60))
+    d.start(DisaggMetadata(recvs=[RecvOrder("ra", peer, "a", (1,), (1,))]))
+    _step_until([d], lambda r: "ra" in r[d][1])
+    first = d.load_errors()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    d.start(DisaggMetadata(recvs=[RecvOrder("rb", peer, "b", (2, 3), (2, 3))]))
+    _step_until([d], lambda r: "rb" in r[d][1])
+    results.put((first, d.load_errors(), d.take_stats().data.get("kv_transfer_failures")))
+    d.close()
+
+
+def test_a_known_peer_that_died_fails_the_pull_not_the_engine_step():
+    """A decoder that already pulled from a prefill pulls from it again after its process
+    was killed: posting the READ fails (NIXL_ERR_REMOTE_DISCONNECT), and that must fail the
+    pull (recompute), never raise out of start(), which runs inside vLLM's engine step.
+
+    The decoder runs in a child process because UCX may abort (an assertion in its
+    endpoint teardown) when that agent is destroyed later, an upstream issue that only
+    strikes at shutdown; its exit status is not part of this contract."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_pull_twice_across_a_kill, args=(results,))
+    child.start()
+    try:
+        first, second, failures = results.get(timeout=120)
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    assert first == set()
+    assert second == {2, 3}
+    assert failures == 1
 
 
 def test_abort_notice_and_lease_expiry_free_held_blocks():

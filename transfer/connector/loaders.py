@@ -60,22 +60,26 @@ class _Pull:
     started: float
     read: Read | None = None
     handshake: Future | None = None
+    error: Exception | None = None  # raised while posting; reported by the next poll
 
 
 class PeerLoader(KVLoader[RecvOrder]):
     """Pulls blocks from a prefill peer with NIXL READs, handshaking on first contact.
 
     All NIXL calls stay on the engine's thread; only the blocking side-channel handshake
-    runs in a helper thread. A pull not done by ``timeout_s`` fails; the peer is then
-    forgotten (the next pull handshakes again, e.g. with its restarted incarnation).
+    (authenticated with ``channel_key`` both ways; a reply that fails its checks fails the
+    pull and counts ``side_channel_reply_rejected``) runs in a helper thread. A pull not
+    done by ``timeout_s`` fails; the peer is then forgotten (the next pull handshakes
+    again, e.g. with its restarted incarnation).
     """
 
     name = "peer"
 
     def __init__(self, endpoint: KVEndpoint, engine_id: str, tp_rank: int, compat: Compat,
                  handshake_timeout_s: float, timeout_s: float, stats: Callable[[], TransferStats],
-                 pool: ThreadPoolExecutor):
+                 pool: ThreadPoolExecutor, channel_key: bytes | None):
         self.endpoint, self.engine_id, self.tp_rank = endpoint, engine_id, tp_rank
+        self._channel_key = channel_key  # authenticates the handshake (None: every pull fails)
         self.compat, self._stats, self._pool = compat, stats, pool
         self.handshake_timeout_s, self.timeout_s = handshake_timeout_s, timeout_s
         self._pulls: dict[str, _Pull] = {}
@@ -84,7 +88,10 @@ class PeerLoader(KVLoader[RecvOrder]):
         now = time.monotonic()
         pull = _Pull(order, now + self.timeout_s, now)
         self._pulls[order.request_id] = pull
-        self._advance(pull)
+        try:
+            self._advance(pull)
+        except Exception as exc:  # e.g. NIXL_ERR_REMOTE_DISCONNECT from a dead peer: the
+            pull.error = exc  # pull fails (recompute), never the engine step that posted it
 
     def _advance(self, pull: _Pull) -> None:
         """Post the READ once the peer is known, starting its handshake if needed."""
@@ -105,7 +112,7 @@ class PeerLoader(KVLoader[RecvOrder]):
     def _handshake(self, addr: PeerAddress) -> HandshakeReply:
         req = HandshakeRequest(engine_id=self.engine_id, compat=self.compat)
         return channel.handshake(addr.host, addr.port + self.tp_rank, req,
-                                 self.handshake_timeout_s)
+                                 self.handshake_timeout_s, key=self._channel_key)
 
     def poll(self) -> list[LoadResult]:
         done: list[LoadResult] = []
@@ -116,6 +123,8 @@ class PeerLoader(KVLoader[RecvOrder]):
             except Exception as exc:
                 logger.warning("request %s: pull from %s failed: %s", rid,
                                pull.order.peer.engine_id, exc)
+                if isinstance(exc, channel.AuthError):  # a forged reply, or another secret
+                    self._stats().add("side_channel_reply_rejected")
                 state, reason = "ERR", str(exc)
             else:
                 reason = "" if state != "ERR" else "NIXL transfer error"
@@ -131,6 +140,8 @@ class PeerLoader(KVLoader[RecvOrder]):
         return done
 
     def _state(self, pull: _Pull, now: float) -> str:
+        if pull.error is not None:
+            raise pull.error
         if pull.read is None:
             self._advance(pull)
         if pull.read is not None:

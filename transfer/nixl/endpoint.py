@@ -87,7 +87,18 @@ class KVEndpoint:
         return self._peers.get(engine_id)
 
     def forget_peer(self, engine_id: str) -> None:
-        """Drop a peer (it restarted or failed): the next pull handshakes again."""
+        """Drop a peer (a pull from it failed: it died, restarted or stalled): the next
+        pull handshakes again.
+
+        Its remote agent stays loaded in NIXL on purpose: removing the agent of a peer whose
+        UCX endpoint saw a remote disconnect leaves UCX with queued operations, and the
+        agent's teardown then aborts the whole engine (``ucs_arbiter_group_is_empty``
+        assertion). Loading the same metadata again is idempotent, and a restarted engine
+        has a new id, so what stays is a few hundred bytes per dead incarnation."""
+        self._peers.pop(engine_id, None)
+
+    def _remove_peer(self, engine_id: str) -> None:
+        """Unload a healthy peer's remote agent (at close)."""
         peer = self._peers.pop(engine_id, None)
         if peer is not None:
             try:
@@ -109,7 +120,11 @@ class KVEndpoint:
             peer.agent_name,
             notif,
         )
-        state = self.agent.transfer(handle)
+        try:
+            state = self.agent.transfer(handle)
+        except Exception:  # the peer is gone (NIXL_ERR_REMOTE_DISCONNECT) or refused
+            self.agent.release_xfer_handle(handle)
+            raise
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
             raise RuntimeError("NIXL refused to post the READ")
@@ -143,7 +158,7 @@ class KVEndpoint:
     def close(self) -> None:
         self.progress.close()
         for engine_id in list(self._peers):
-            self.forget_peer(engine_id)
+            self._remove_peer(engine_id)
         try:
             self.agent.deregister_memory(self._reg)
         except Exception as exc:

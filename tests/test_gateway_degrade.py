@@ -1,0 +1,55 @@
+"""With every decoder down, prefill instances (whole vLLM engines) serve whole requests:
+degraded, not 503. A real Gateway over HTTP in front of a fake prefill engine; the decode
+instance's address has nothing listening (its engine died)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+
+from disagg.config import ApiConfig, SchedulerConfig, StoreConfig
+from disagg.gateway import Gateway, ServedModel
+from disagg.instance import InstanceInfo
+from disagg.metrics import GatewayMetrics
+from disagg.pool import InstancePool
+from disagg.scrape import parse, total
+from tests.support.fake_engine import AppServer, EngineBehavior, FakeEngine
+
+
+def _dead_url() -> str:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_no_healthy_decoder_means_prefill_instances_serve_whole_requests(tiny_model: Path):
+    behavior = EngineBehavior(role="prefill")
+    with FakeEngine(behavior) as prefill:
+        metrics = GatewayMetrics()
+        pool = InstancePool(metrics, interval_s=0.1)
+        pool.add("prefill-0", prefill.info(0))
+        pool.add("decode-0", InstanceInfo(role="decode", index=0, engine_id="decode-0-dead",
+                                          url=_dead_url(), side_channel_port=0, pid=0,
+                                          log_path=""))
+        gateway = Gateway(pool, metrics, ServedModel("tiny", str(tiny_model), 512, 16, None),
+                          SchedulerConfig(kv_events=False, min_remote_prefill_tokens=0),
+                          ApiConfig(), StoreConfig(enabled=False))
+        with AppServer(gateway.app, lifespan="on") as server:
+            deadline = time.monotonic() + 10
+            while pool.members["decode-0"].healthy:  # the first poll finds it dead
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            for stream in (False, True):
+                r = httpx.post(server.url + "/v1/completions", timeout=30, json={
+                    "model": "tiny", "prompt": "the quick brown fox " * 20, "max_tokens": 3,
+                    "stream": stream})
+                assert r.status_code == 200, r.text
+                assert "t0" in r.text
+            # Served there whole: no prefill hop (no kv_transfer_params), counted as such.
+            assert len(behavior.received) == 2
+            assert all("kv_transfer_params" not in b for b in behavior.received)
+            text = httpx.get(server.url + "/metrics", timeout=10).text
+            assert total(parse(text), "disagg_decisions", reason="no_decode_instance") == 2

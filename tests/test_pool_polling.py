@@ -1,0 +1,39 @@
+"""The pool polls engines fast while requests are in flight and slowly when idle: rendering
+vLLM's /metrics is most of what an idle engine costs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from disagg.metrics import GatewayMetrics
+from disagg.pool import InstancePool
+from tests.support.fake_engine import EngineBehavior, FakeEngine
+
+
+async def _polls_during(pool: InstancePool, engine: EngineBehavior, seconds: float) -> int:
+    before = engine.polls
+    await asyncio.sleep(seconds)
+    return engine.polls - before
+
+
+def test_an_idle_pool_polls_slowly_and_a_busy_one_at_once() -> None:
+    behavior = EngineBehavior()
+    with FakeEngine(behavior) as engine:
+        async def run() -> tuple[int, int, bool]:
+            pool = InstancePool(GatewayMetrics(), interval_s=0.05, idle_interval_s=0.6,
+                                idle_after_s=0.3)
+            pool.add("decode-0", engine.info(0))
+            await pool.start()
+            try:
+                await asyncio.sleep(0.5)  # past idle_after: the slow pace
+                idle = await _polls_during(pool, behavior, 1.8)
+                pool.members["decode-0"].candidate.inflight = 1
+                busy = await _polls_during(pool, behavior, 1.0)
+                return idle, busy, pool.members["decode-0"].healthy
+            finally:
+                await pool.close()
+
+        idle, busy, healthy = asyncio.run(run())
+    assert healthy
+    assert 2 <= idle <= 5, idle  # every 0.6 s over 1.8 s
+    assert busy >= 8, busy  # every 0.05 s, woken within one fast interval
