@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -53,7 +52,8 @@ from disagg.errors import APIError, http_error, unexpected_error, upstream_error
 from disagg.instance import InstanceInfo
 from disagg.kv_feed import KVEventFeed
 from disagg.metrics import GatewayMetrics
-from disagg.pool import Inflight, InstancePool, Member
+from disagg.pool import InstancePool, Member
+from disagg.relay import Relay, describe, open_answer
 from disagg.scheduler import RequestInfo, make_policy
 from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
@@ -114,6 +114,8 @@ class Gateway:
         self._engine_headers = {"Authorization": f"Bearer {engine_token}"} \
             if engine_token else {}
         self._http: httpx.AsyncClient | None = None  # opened with the app (lifespan)
+        self.relay = Relay(metrics)
+        self._degraded = False  # every decoder down (logged once per change)
         self.app = self._build_app()
 
     @property
@@ -350,16 +352,26 @@ class Gateway:
         """The policy's choice among ``role``'s healthy instances. With no healthy decoder,
         the prefill instances (whole vLLM engines) take whole requests: degraded, not 503."""
         members = [m for m in self.pool.available(role) if m.key not in exclude]
+        if role == "decode" and not exclude:
+            self._note_degraded(not members)
         if not members and role == "decode":
             members = [m for m in self.pool.available("prefill") if m.key not in exclude]
-            if members:
-                logger.warning("request %s: no healthy decode instance; served whole by a "
-                               "prefill instance", info.request_id)
         if not members:
             raise APIError(503, f"no healthy {role} instance", code="no_instance")
         policy = self.prefill_policy if role == "prefill" else self.decode_policy
         chosen = policy.choose([m.candidate for m in members], info)
         return next(m for m in members if m.candidate is chosen)
+
+    def _note_degraded(self, degraded: bool) -> None:
+        """Log once per change: every decoder down (prefill instances serve whole
+        requests), or decoders back."""
+        if degraded != self._degraded:
+            self._degraded = degraded
+            if degraded:
+                logger.warning("no healthy decode instance: prefill instances serve whole "
+                               "requests until one is back")
+            else:
+                logger.info("decode instances healthy again")
 
     async def _annotate(self, path: str, body: dict, info: RequestInfo) -> None:
         """Fill the request's token count, block hashes and prefix hits per instance."""
@@ -422,84 +434,37 @@ class Gateway:
                         why: Exception | str) -> dict | None:
         """Count a failed prefill hop; always None: the decoder prefills locally."""
         logger.warning("request %s: prefill on %s (%s) failed, decoding locally: %s",
-                       info.request_id, member.key, member.info.engine_id, _describe(why))
+                       info.request_id, member.key, member.info.engine_id, describe(why))
         self.metrics.failures.labels("prefill", member.key).inc()
         if isinstance(why, httpx.ConnectError):  # refused: the instance is gone, stop now
-            self.pool.mark_down(member, _describe(why))
+            self.pool.mark_down(member, describe(why))
         return None
 
     async def _decode(self, path: str, body: dict, kv_params: dict | None, info: RequestInfo,
                       start: float, member: Member) -> Response:
-        dbody = {**body, "kv_transfer_params": kv_params} if kv_params else body
+        """Answer from a decoder. One that fails before its answer begins (transport fault,
+        5xx, a stream cut before its first chunk) is marked down and the request goes to
+        the next: nothing has reached the client yet. The retry keeps the prefill's KV when
+        it lands on another decoder, and prefills locally on a prefill instance."""
+        stream = body.get("stream", False)
         tried: set[str] = set()
         while True:
             if member.key in tried or not member.healthy:
                 member = self._pick("decode", info, exclude=tried)
             tried.add(member.key)
-            req = self._client.build_request("POST", member.info.url + path, json=dbody,
-                                             headers={"X-Request-Id": info.request_id})
+            params = kv_params if member.info.role == "decode" else None
+            dbody = {**body, "kv_transfer_params": params} if params else body
             inflight = member.admit()
             try:
-                resp = await self._client.send(req, stream=True)
+                answer = await open_answer(self._client, member.info.url + path, dbody,
+                                           info.request_id, stream)
             except Exception as exc:  # noqa: BLE001  # nothing sent to the client yet: retry
                 inflight.release()
-                logger.warning("request %s: decode on %s failed: %s", info.request_id,
-                               member.key, _describe(exc))
+                logger.warning("request %s: decode on %s (%s) failed before answering: %s",
+                               info.request_id, member.key, member.info.engine_id,
+                               describe(exc))
                 self.metrics.failures.labels("decode", member.key).inc()
-                self.pool.mark_down(member, type(exc).__name__)
-                continue  # _pick raises 503 once every decoder was tried
+                self.pool.mark_down(member, describe(exc))
+                continue  # _pick raises 503 once every instance was tried
             self.metrics.routed.labels("decode", member.key).inc()
-            return await self._relay(path, resp, inflight, body.get("stream", False), start)
-
-    async def _relay(self, path: str, resp: httpx.Response, inflight: Inflight, stream: bool,
-                     start: float) -> Response:
-        """Answer the client from the decoder's response; ``inflight`` is released when
-        the response is done (at once, or at the end of the stream). An error answer
-        keeps its status and message, in the OpenAI shape."""
-        if resp.status_code != 200 or not stream:
-            try:
-                content = await resp.aread()
-            finally:
-                await resp.aclose()
-                inflight.release()
-            self._finish(path, resp.status_code, start, first=None)
-            if resp.status_code != 200:
-                return upstream_error(resp.status_code, content).response()
-            return Response(content, status_code=resp.status_code,
-                            media_type=resp.headers.get("content-type", "application/json"))
-        return HeldStream(self._pipe(path, resp, inflight, start),
-                          media_type="text/event-stream", closers=[inflight.release, resp.aclose])
-
-    async def _pipe(self, path: str, resp: httpx.Response, inflight: Inflight,
-                    start: float) -> AsyncIterator[bytes]:
-        first: float | None = None
-        last = start
-        try:
-            async for chunk in resp.aiter_raw():
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                yield chunk
-        except httpx.HTTPError as exc:  # the decoder broke off: end the stream cleanly
-            logger.warning("request %s: decode stream broke off: %s",
-                           resp.request.headers.get("X-Request-Id"), _describe(exc))
-            error = APIError(502, "the decode instance broke off the stream", code="upstream")
-            yield f"data: {json.dumps(error.body())}\n\n".encode()
-        finally:
-            await resp.aclose()
-            inflight.release()
-            self._finish(path, resp.status_code, start, first)
-
-    def _finish(self, path: str, status: int, start: float, first: float | None) -> None:
-        now = time.perf_counter()
-        self.metrics.requests.labels(path, str(status)).inc()
-        if status == 200:
-            self.metrics.ttft.observe((first or now) - start)
-            self.metrics.e2e.observe(now - start)
-
-
-def _describe(why: Exception | str) -> str:
-    return why if isinstance(why, str) else f"{type(why).__name__}: {why}"
+            return self.relay.respond(path, answer, inflight, start)

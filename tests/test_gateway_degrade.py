@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from disagg.config import ApiConfig, SchedulerConfig, StoreConfig
 from disagg.gateway import Gateway, ServedModel
@@ -17,6 +18,7 @@ from disagg.metrics import GatewayMetrics
 from disagg.pool import InstancePool
 from disagg.scrape import parse, total
 from tests.support.fake_engine import AppServer, EngineBehavior, FakeEngine
+from tests.support.gateway_stack import stack
 
 
 def _dead_url() -> str:
@@ -53,3 +55,33 @@ def test_no_healthy_decoder_means_prefill_instances_serve_whole_requests(tiny_mo
             assert all("kv_transfer_params" not in b for b in behavior.received)
             text = httpx.get(server.url + "/metrics", timeout=10).text
             assert total(parse(text), "disagg_decisions", reason="no_decode_instance") == 2
+
+
+BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fault", ["cut_before_first_chunk", "http_500"])
+def test_a_decoder_failing_before_its_answer_begins_is_retried_elsewhere(tiny_model, stream,
+                                                                          fault):
+    """Nothing has reached the client, so the request goes to the next decoder; the one
+    that failed is marked down."""
+    bad = EngineBehavior(cut_after=0) if fault == "cut_before_first_chunk" else \
+        EngineBehavior(error=(500, {"error": {"message": "EngineDeadError"}}))
+    good = EngineBehavior()
+    with stack(tiny_model, decode=bad, more_decoders=[good]) as s:
+        pool = s.gateway.pool
+        pool.members["decode-1"].candidate.inflight = 1000  # the policy picks decode-0 first
+        r = s.post("/v1/completions", {**BODY, "stream": stream})
+        assert r.status_code == 200, r.text
+        assert "t0" in r.text and "error" not in r.text
+        assert len(bad.received) == 1 and len(good.received) == 1
+        assert s.metric("disagg_failures", kind="decode", instance="decode-0") == 1
+
+
+def test_with_every_decoder_failing_the_prefill_instance_answers(tiny_model):
+    with stack(tiny_model, decode=EngineBehavior(cut_after=0)) as s:
+        r = s.post("/v1/completions", {**BODY, "stream": True})
+        assert r.status_code == 200, r.text
+        assert r.text.endswith("data: [DONE]\n\n") and "error" not in r.text
+        assert len(s.prefill.received) == 1

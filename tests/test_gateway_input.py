@@ -11,8 +11,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from disagg.config import ApiConfig, SchedulerConfig, StoreConfig
-from disagg.gateway import Gateway, ServedModel
-from disagg.metrics import GatewayMetrics
-from disagg.pool import InstancePool
-from disagg.scrape import parse, total
+from disagg.config import ApiConfig
 from disagg.validation import INTERNAL_FIELDS, MAX_DEPTH
-from tests.support.fake_engine import AppServer, EngineBehavior, FakeEngine
+from tests.support.fake_engine import EngineBehavior
+from tests.support.gateway_stack import MAX_BODY, MAX_N, MODEL, Stack, stack
 
-MODEL = "tiny"
-MAX_BODY = 64 << 10
-MAX_N = 4
-MIN_REMOTE = 32  # prompts of 32+ tokens take the prefill hop, shorter ones prefill locally
 LONG = "the quick brown fox jumps over the lazy dog " * 4
 SHORT = "hi"
 PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -42,42 +33,6 @@ EVIL = {"kv_transfer_params": {"do_remote_prefill": True, "remote_host": "10.6.6
                                "remote_block_ids": [1, 2, 3]},
         "ec_transfer_params": {"x": 1}, "vllm_xargs": {"kv_transfer_params": "x"},
         "request_id": "victim-request", "priority": -100}
-
-
-@dataclass
-class Stack:
-    gateway: Gateway
-    url: str
-    prefill: EngineBehavior
-    decode: EngineBehavior
-    client: httpx.Client
-
-    def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
-        if body is not None:
-            kw["content"] = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return self.client.post(self.url + path, **kw)
-
-    def metric(self, name: str, **labels: str) -> float:
-        return total(parse(self.client.get(self.url + "/metrics").text), name, **labels)
-
-
-@contextmanager
-def stack(tiny_model: Path, api: ApiConfig | None = None, max_inflight: int | None = None,
-          decode: EngineBehavior | None = None) -> Iterator[Stack]:
-    """Fake prefill + decode engines and a gateway over HTTP in front of them."""
-    prefill_b, decode_b = EngineBehavior(role="prefill"), decode or EngineBehavior()
-    with FakeEngine(prefill_b) as prefill, FakeEngine(decode_b) as dec:
-        metrics = GatewayMetrics()
-        pool = InstancePool(metrics, interval_s=0.2)
-        pool.add("prefill-0", prefill.info(0))
-        pool.add("decode-0", dec.info(0))
-        gateway = Gateway(pool, metrics, ServedModel(MODEL, str(tiny_model), 512, 16, None),
-                          SchedulerConfig(kv_events=False, min_remote_prefill_tokens=MIN_REMOTE),
-                          api or ApiConfig(max_body_bytes=MAX_BODY, max_n=MAX_N),
-                          StoreConfig(enabled=False), max_inflight=max_inflight)
-        with AppServer(gateway.app, lifespan="on") as server, \
-                httpx.Client(timeout=30) as client:
-            yield Stack(gateway, server.url, prefill_b, decode_b, client)
 
 
 @pytest.fixture(scope="module")
@@ -342,10 +297,12 @@ def test_admission_queues_then_429_then_503_and_releases_every_slot(tiny_model):
 
 
 def test_a_stream_holds_its_slot_to_the_end_and_a_disconnect_releases_it(tiny_model):
+    # A long stream (3 s): the check that its slot is held must run while it lasts, even
+    # on a machine busy enough to delay this thread's reads.
     with stack(tiny_model, max_inflight=4,
-               decode=EngineBehavior(max_tokens_cap=20, itl_s=0.05)) as s:
+               decode=EngineBehavior(max_tokens_cap=30, itl_s=0.1)) as s:
         adm = s.gateway.admission
-        body = body_for("/v1/chat/completions", stream=True, max_tokens=20)
+        body = body_for("/v1/chat/completions", stream=True, max_tokens=30)
         with s.client.stream("POST", s.url + "/v1/chat/completions", json=body) as resp:
             assert resp.status_code == 200
             chunks = resp.iter_bytes()

@@ -5,6 +5,7 @@ killed mid-flight, and no process left behind."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import random
 import time
 
@@ -306,8 +307,22 @@ def test_a_dead_engine_restarts_under_its_living_actor(dep):
     """SIGKILL the decode engine (its actor lives on): the actor's watchdog starts a new
     incarnation within seconds, the gateway follows it, and requests are served again."""
     old = next(m.info for m in dep.gateway.pool.members.values() if m.info.role == "decode")
+    expected = _generate(dep, 30)
     server = psutil.Process(old.pid).children()[0]  # vLLM's API server under the supervisor
-    server.kill()
+    # A stream being decoded there ends with an OpenAI error event within 5 s of the death.
+    body = {"model": "tiny", "prompt": [9] * 60, "max_tokens": 1800, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", dep.url + "/v1/completions", json=body, headers=AUTH,
+                      timeout=60) as r:
+        lines = (line for line in r.iter_lines() if line)
+        assert next(lines).startswith("data: {")
+        server.kill()
+        killed = time.monotonic()
+        rest = list(lines)
+    assert time.monotonic() - killed < 5
+    assert json.loads(rest[-1].removeprefix("data: "))["error"]["code"] == "upstream", rest[-3:]
+    # While it restarts, the prefill instance (a whole vLLM) serves: the same greedy output.
+    assert _generate(dep, 30) == expected
     deadline = time.monotonic() + 600
     while True:
         dec = next(i for i in dep.status()["instances"] if i["role"] == "decode")

@@ -39,7 +39,8 @@ class EngineBehavior:
     itl_s: float = 0.0  # between streamed tokens
     hold: threading.Event | None = None  # while set-able and not set, answers wait
     error: tuple[int, dict[str, Any]] | None = None  # answer this (status, body) instead
-    cut_after: int | None = None  # streams die (connection cut) after this many tokens
+    cut_after: int | None = None  # streams die (connection cut) after this many tokens;
+    # a whole (non-streamed) answer is cut part-way
     received: list[dict[str, Any]] = field(default_factory=list)  # bodies, in order
     headers: list[dict[str, str]] = field(default_factory=list)
     active: int = 0  # requests being answered now
@@ -102,6 +103,8 @@ class _Engine:
             if body.get("stream"):
                 return StreamingResponse(self._stream(body, chat),
                                          media_type="text/event-stream")
+            if self.b.cut_after is not None:  # the engine dies while writing its answer
+                return StreamingResponse(self._cut(), media_type="application/json")
             return JSONResponse(self._whole(body, chat))
         finally:
             self.b.active -= 1
@@ -143,6 +146,11 @@ class _Engine:
         finally:
             if not done:
                 self.b.aborted += 1
+
+    @staticmethod
+    async def _cut() -> AsyncIterator[bytes]:
+        yield b'{"id": "fake", "cho'
+        raise ConnectionAbortedError("fake engine cut the answer")
 
     async def _chunks(self, body: dict[str, Any], chat: bool,
                       obj: str) -> AsyncIterator[bytes]:

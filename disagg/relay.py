@@ -1,0 +1,114 @@
+"""The decoder's answer, relayed to the client.
+
+``open_answer`` sends a request to an engine and waits for the beginning of its answer (the
+whole body, or a stream's first chunk): a fault before that is the caller's to retry, since
+nothing has reached the client yet. ``Relay.respond`` then answers the client, streaming the
+rest; a decoder that breaks off mid-stream ends the stream with an OpenAI error event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from fastapi.responses import Response
+
+from disagg.admission import HeldStream
+from disagg.errors import APIError, upstream_error
+from disagg.metrics import GatewayMetrics
+from disagg.pool import Inflight
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Answer:
+    """The beginning of an engine's answer: the whole body (``rest`` None) or a stream's
+    first chunk and the rest of it; ``at``: when the beginning arrived."""
+
+    resp: httpx.Response
+    head: bytes
+    rest: AsyncIterator[bytes] | None
+    at: float
+
+
+async def open_answer(client: httpx.AsyncClient, url: str, body: dict, request_id: str,
+                      stream: bool) -> Answer:
+    """POST ``body`` to ``url`` and wait for the beginning of the answer: the whole body
+    (not streamed, or a 4xx) or a stream's first chunk. Raises on a transport fault or a
+    5xx before that."""
+    req = client.build_request("POST", url, json=body, headers={"X-Request-Id": request_id})
+    resp = await client.send(req, stream=True)
+    try:
+        if resp.status_code >= 500:
+            raise RuntimeError(f"HTTP {resp.status_code}")
+        if resp.status_code != 200 or not stream:
+            content = await resp.aread()
+            await resp.aclose()
+            return Answer(resp, content, None, time.perf_counter())
+        chunks = resp.aiter_raw()
+        first = await anext(chunks)  # StopAsyncIteration: an empty stream is a fault too
+        return Answer(resp, first, chunks, time.perf_counter())
+    except BaseException:
+        await resp.aclose()
+        raise
+
+
+class Relay:
+    """Answers clients from engines' answers and records latency and outcomes."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def respond(self, path: str, answer: Answer, inflight: Inflight, start: float) -> Response:
+        """The client's response; ``inflight`` is released when it is done (at once, or at
+        the end of the stream). An error answer keeps its status and message, in the
+        OpenAI shape."""
+        resp = answer.resp
+        if answer.rest is None:
+            inflight.release()
+            self.finish(path, resp.status_code, start, first=None)
+            if resp.status_code != 200:
+                return upstream_error(resp.status_code, answer.head).response()
+            return Response(answer.head, status_code=resp.status_code,
+                            media_type=resp.headers.get("content-type", "application/json"))
+        return HeldStream(self._pipe(path, answer, inflight, start),
+                          media_type="text/event-stream", closers=[inflight.release, resp.aclose])
+
+    async def _pipe(self, path: str, answer: Answer, inflight: Inflight,
+                    start: float) -> AsyncIterator[bytes]:
+        """The stream's first chunk (already read), then the rest as it comes."""
+        resp, first = answer.resp, answer.at
+        last = first
+        assert answer.rest is not None
+        try:
+            yield answer.head
+            async for chunk in answer.rest:
+                now = time.perf_counter()
+                self.metrics.itl.observe(now - last)
+                last = now
+                yield chunk
+        except Exception as exc:  # noqa: BLE001  # the decoder broke off: end it cleanly
+            logger.warning("request %s: decode stream broke off: %s",
+                           resp.request.headers.get("X-Request-Id"), describe(exc))
+            error = APIError(502, "the decode instance broke off the stream", code="upstream")
+            yield f"data: {json.dumps(error.body())}\n\n".encode()
+        finally:
+            await resp.aclose()
+            inflight.release()
+            self.finish(path, resp.status_code, start, first)
+
+    def finish(self, path: str, status: int, start: float, first: float | None) -> None:
+        now = time.perf_counter()
+        self.metrics.requests.labels(path, str(status)).inc()
+        if status == 200:
+            self.metrics.ttft.observe((first or now) - start)
+            self.metrics.e2e.observe(now - start)
+
+
+def describe(why: Exception | str) -> str:
+    return why if isinstance(why, str) else f"{type(why).__name__}: {why}"
