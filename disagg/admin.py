@@ -51,7 +51,8 @@ class Admin:
             "model": self._model, "block_size": self._feed.block_size if self._feed else None,
             "instances": [{
                 "key": m.key, "role": m.info.role, "engine_id": m.info.engine_id,
-                "url": m.info.url, "healthy": m.healthy, "draining": m.draining,
+                "url": m.info.url, "healthy": m.healthy, "stalled": m.stalled,
+                "draining": m.draining,
                 "restarts": m.info.restarts,
                 "inflight": m.candidate.inflight, "running": m.candidate.running,
                 "waiting": m.candidate.waiting, "kv_usage": m.candidate.kv_usage,

@@ -255,6 +255,10 @@ class ApiConfig(_Strict):
         None, description="Requests waiting for a slot; None: as many as max_inflight. "
         "Beyond it: 429 with Retry-After.",
     )
+    engine_stall_s: Annotated[float, Field(gt=0, le=86400)] = Field(
+        120.0, description="An instance with requests running or waiting that computes no "
+        "token for this long is stalled: out of routing (not ready) until it moves. Allow "
+        "for the slowest single engine step (a long prefill chunk on a slow machine).")
     queue_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         30.0, description="A queued request that cannot start within this time gets 503."
     )

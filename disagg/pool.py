@@ -4,6 +4,10 @@ A poll loop checks every instance each ``interval_s``: ``/health`` and vLLM's ``
 (load and transfer counters). An instance that fails a check leaves routing at once; while
 it is down the pool asks its ``locate`` callback (the Ray actor) for a fresh address,
 because a restarted actor brings its engine up on new ports.
+
+Readiness follows the data path, not only the HTTP server: an instance with requests
+running or waiting whose token counters (prompt + generated) stand still for ``stall_s``
+is *stalled* (a hung engine step, a stuck transfer) and leaves routing until they move.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ class Member:
     draining: bool = False
     candidate: Candidate = field(init=False)
     down_since: float | None = None
+    stalled: bool = False  # busy, but its token counters stood still for stall_s
+    progress: float = -1.0  # prompt + generated tokens at the last change
+    progress_at: float = 0.0  # when they last changed (or the instance was idle)
 
     def __post_init__(self) -> None:
         self.candidate = Candidate(self.info.engine_id, self.info.url)
@@ -74,6 +81,7 @@ class Member:
 
     def relocate(self, info: InstanceInfo) -> None:
         self.info = info
+        self.stalled, self.progress = False, -1.0
         inflight = self.candidate.inflight
         self.candidate = Candidate(info.engine_id, info.url, inflight=inflight)
 
@@ -82,7 +90,7 @@ class InstancePool:
     def __init__(self, metrics: GatewayMetrics, locate: Locate | None = None,
                  interval_s: float = 0.5, timeout_s: float = 2.0,
                  engine_token: str | None = None, idle_interval_s: float = 2.0,
-                 idle_after_s: float = 5.0):
+                 idle_after_s: float = 5.0, stall_s: float = 120.0):
         """Instances are polled every ``interval_s`` while the pool is busy (a request in
         flight within the last ``idle_after_s``) and every ``idle_interval_s`` when idle:
         rendering vLLM's /metrics is the main cost of an idle engine, and an idle pool's
@@ -93,6 +101,7 @@ class InstancePool:
         self._locate = locate
         self._interval, self._idle_interval = interval_s, max(idle_interval_s, interval_s)
         self._idle_after = idle_after_s
+        self._stall_s = stall_s
         self._last_busy = time.monotonic()
         headers = {"Authorization": f"Bearer {engine_token}"} if engine_token else {}
         self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers)
@@ -109,7 +118,7 @@ class InstancePool:
 
     def available(self, role: str) -> list[Member]:
         return [m for m in self.members.values()
-                if m.info.role == role and m.healthy and not m.draining]
+                if m.info.role == role and m.healthy and not m.stalled and not m.draining]
 
     def mark_down(self, member: Member, reason: str) -> None:
         if member.healthy:
@@ -159,7 +168,8 @@ class InstancePool:
             if not m.healthy:
                 logger.info("instance %s (%s) up at %s", m.key, m.info.engine_id, m.info.url)
             m.healthy, m.down_since = True, None
-        self._metrics.instance_up.labels(m.info.role, m.key).set(1 if m.healthy else 0)
+        self._metrics.instance_up.labels(m.info.role, m.key).set(
+            1 if m.healthy and not m.stalled else 0)
         self._metrics.instance_restarts.labels(m.info.role, m.key).set(m.info.restarts)
 
     def _observe(self, m: Member, text: str) -> None:
@@ -167,10 +177,25 @@ class InstancePool:
         load = parse_load(series)
         c = m.candidate
         c.running, c.waiting, c.kv_usage = load.running, load.waiting, load.kv_usage
+        self._track_progress(m, _tokens_done(series),
+                             busy=load.running + load.waiting + c.inflight > 0)
         counters = _disagg_counters(series)
         self._metrics.kv_bytes.labels(m.key).set(counters.get("kv_bytes_received", 0))
         self._metrics.kv_seconds.labels(m.key).set(counters.get("kv_transfer_seconds", 0))
         self._metrics.kv_failures.labels(m.key).set(counters.get("kv_transfer_failures", 0))
+
+    def _track_progress(self, m: Member, tokens: float, busy: bool) -> None:
+        now = time.monotonic()
+        if tokens != m.progress or not busy:
+            m.progress, m.progress_at = tokens, now
+            if m.stalled:
+                logger.info("instance %s (%s) makes progress again", m.key, m.info.engine_id)
+                m.stalled = False
+        elif not m.stalled and now - m.progress_at > self._stall_s:
+            logger.warning("instance %s (%s) stalled: requests waiting or running, no token "
+                           "computed for %.0f s; out of routing until it moves", m.key,
+                           m.info.engine_id, now - m.progress_at)
+            m.stalled = True
 
     async def _relocate(self, m: Member) -> None:
         if self._locate is None:
@@ -186,6 +211,12 @@ class InstancePool:
             m.relocate(info)
             for listener in self.listeners:
                 listener(m, old)
+
+
+def _tokens_done(series: Series) -> float:
+    """Prompt tokens computed plus tokens generated, over the engine's label sets."""
+    return sum(v for (name, _), v in series.items()
+               if name in ("vllm:prompt_tokens", "vllm:generation_tokens"))
 
 
 def _disagg_counters(series: Series) -> dict[str, float]:

@@ -101,7 +101,8 @@ class Deployment:
             per_token = None
         metrics = GatewayMetrics()
         token = engine_token(self._secret)
-        pool = InstancePool(metrics, locate=self._actors.locate, engine_token=token)
+        pool = InstancePool(metrics, locate=self._actors.locate, engine_token=token,
+                            stall_s=t.api.engine_stall_s)
         for key, info in self.instances.items():
             pool.add(key, info)
         model = ServedModel(self.served_model_name, self.model_path, t.engine.max_model_len,
@@ -131,7 +132,8 @@ class Deployment:
         members = self._server.gateway.pool.members.values() if self._server else []
         return {"url": self.url, "model": self.served_model_name, "instances": [
             {"key": m.key, "role": m.info.role, "engine_id": m.info.engine_id,
-             "url": m.info.url, "healthy": m.healthy, "restarts": m.info.restarts,
+             "url": m.info.url, "healthy": m.healthy, "stalled": m.stalled,
+             "restarts": m.info.restarts,
              "inflight": m.candidate.inflight,
              "running": m.candidate.running, "waiting": m.candidate.waiting,
              "kv_usage": m.candidate.kv_usage, "log": m.info.log_path} for m in members]}

@@ -4,6 +4,9 @@ vLLM's /metrics is most of what an idle engine costs."""
 from __future__ import annotations
 
 import asyncio
+import threading
+
+import httpx
 
 from disagg.metrics import GatewayMetrics
 from disagg.pool import InstancePool
@@ -37,3 +40,33 @@ def test_an_idle_pool_polls_slowly_and_a_busy_one_at_once() -> None:
     assert healthy
     assert 2 <= idle <= 5, idle  # every 0.6 s over 1.8 s
     assert busy >= 8, busy  # every 0.05 s, woken within one fast interval
+
+
+def test_a_busy_instance_that_computes_nothing_leaves_routing_until_it_moves() -> None:
+    """Readiness follows the data path: requests running, no token for stall_s."""
+    hold = threading.Event()
+    behavior = EngineBehavior(hold=hold)
+    with FakeEngine(behavior) as engine:
+        async def run() -> list[bool]:
+            pool = InstancePool(GatewayMetrics(), interval_s=0.05, stall_s=0.5)
+            pool.add("decode-0", engine.info(0))
+            await pool.start()
+            seen = []
+            try:
+                async with httpx.AsyncClient(timeout=30) as client:
+                    request = asyncio.create_task(client.post(
+                        engine.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}))
+                    await asyncio.sleep(0.3)
+                    seen.append(bool(pool.available("decode")))  # busy, not yet stalled
+                    await asyncio.sleep(0.8)
+                    seen.append(bool(pool.available("decode")))  # stalled
+                    seen.append(pool.members["decode-0"].healthy)  # its server still answers
+                    hold.set()
+                    await request
+                    await asyncio.sleep(0.3)
+                    seen.append(bool(pool.available("decode")))  # tokens moved: back
+            finally:
+                await pool.close()
+            return seen
+
+        assert asyncio.run(run()) == [True, False, True, True]

@@ -47,6 +47,7 @@ class EngineBehavior:
     peak: int = 0  # most at once
     polls: int = 0  # /metrics requests served
     aborted: int = 0  # requests whose client (the gateway) went away before the end
+    tokens: int = 0  # tokens generated (vllm:generation_tokens_total)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -71,7 +72,8 @@ class _Engine:
         self.b.polls += 1
         text = (f'vllm:num_requests_running{{engine="0"}} {self.b.active}\n'
                 'vllm:num_requests_waiting{engine="0"} 0\n'
-                'vllm:kv_cache_usage_perc{engine="0"} 0.0\n')
+                'vllm:kv_cache_usage_perc{engine="0"} 0.0\n'
+                f'vllm:generation_tokens_total{{engine="0"}} {self.b.tokens}\n')
         return Response(text, media_type="text/plain; version=0.0.4")
 
     async def completions(self, request: Request) -> Response:
@@ -115,6 +117,7 @@ class _Engine:
 
     def _whole(self, body: dict[str, Any], chat: bool) -> dict[str, Any]:
         n, k = self._n(body), self._tokens(body)
+        self.b.tokens += n * k
         text = "".join(f" t{i}" for i in range(k))
         choices = [{"index": i, "finish_reason": "length",
                     **({"message": {"role": "assistant", "content": text}} if chat
@@ -159,6 +162,7 @@ class _Engine:
                 raise ConnectionAbortedError("fake engine cut the stream")
             if i and self.b.itl_s:
                 await asyncio.sleep(self.b.itl_s)
+            self.b.tokens += 1
             choice = ({"index": 0, "delta": {"content": f" t{i}"}, "finish_reason": None}
                       if chat else {"index": 0, "text": f" t{i}", "finish_reason": None})
             data = {"id": "fake", "object": obj, "model": body.get("model"),
