@@ -43,16 +43,23 @@ class InstanceActor:
         self._watchdog: threading.Thread | None = None
         self._ready_timeout_s = 900.0
         self._proc.start()
+        if _reconstructed():  # Ray restarted this actor: nobody calls wait_ready now
+            self._start_watchdog()
 
     def wait_ready(self, timeout_s: float) -> InstanceInfo:
-        """Block until the engine is healthy; from then on the watchdog keeps it alive."""
+        """Block until the engine is healthy; from then on the watchdog keeps it alive.
+        (A first start that fails is the launcher's to report, not the watchdog's to
+        retry.)"""
         self._proc.wait_healthy(timeout_s)
         self._ready_timeout_s = timeout_s
+        self._start_watchdog()
+        return self._proc.info()
+
+    def _start_watchdog(self) -> None:
         if self._watchdog is None:
             self._watchdog = threading.Thread(target=self._watch, name="engine-watchdog",
                                               daemon=True)
             self._watchdog.start()
-        return self._proc.info()
 
     def info(self) -> InstanceInfo:
         return self._proc.info()
@@ -89,6 +96,14 @@ class InstanceActor:
             except RuntimeError as exc:  # died again during start-up: the loop sees it
                 logger.error("restarted engine failed to start: %s", exc)
             up_since = time.monotonic()
+
+
+def _reconstructed() -> bool:
+    """Whether this actor is a restart by Ray (``max_restarts``) of an earlier one."""
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not in an actor (a test, a local run)
+        return False
 
 
 RemoteInstance = ray.remote(InstanceActor)

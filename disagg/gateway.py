@@ -294,6 +294,9 @@ class Gateway:
         gone = asyncio.ensure_future(client_gone(request))
         try:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the handler itself was cancelled: so is the work
+            task.cancel()
+            raise
         finally:
             gone.cancel()
         if task.done():
@@ -411,8 +414,9 @@ class Gateway:
         self.metrics.routed.labels("prefill", member.key).inc()
         with member.admit():
             try:
-                resp = await self._client.post(member.info.url + path, json=pbody,
-                                               headers={"X-Request-Id": info.request_id})
+                resp = await member.while_up(self._client.post(
+                    member.info.url + path, json=pbody,
+                    headers={"X-Request-Id": info.request_id}))
             except Exception as exc:  # noqa: BLE001  # any transport fault: decode locally
                 # (not only httpx.HTTPError: a peer that resets mid-connect can surface as
                 # OSError or, through anyio, AttributeError on the closed socket)
@@ -456,8 +460,8 @@ class Gateway:
             dbody = {**body, "kv_transfer_params": params} if params else body
             inflight = member.admit()
             try:
-                answer = await open_answer(self._client, member.info.url + path, dbody,
-                                           info.request_id, stream)
+                answer = await member.while_up(open_answer(
+                    self._client, member.info.url + path, dbody, info.request_id, stream))
             except Exception as exc:  # noqa: BLE001  # nothing sent to the client yet: retry
                 inflight.release()
                 logger.warning("request %s: decode on %s (%s) failed before answering: %s",

@@ -13,10 +13,12 @@ is *stalled* (a hung engine step, a stuck transfer) and leaves routing until the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
 
@@ -28,10 +30,15 @@ from disagg.scrape import parse as parse_metrics
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Locate = Callable[[str], Awaitable[InstanceInfo | None]]
 # Called with (member, its previous InstanceInfo or None) when a member is added or comes
 # back as a new engine; e.g. the gateway re-subscribes to the engine's KV events.
 Listener = Callable[["Member", InstanceInfo | None], None]
+
+
+class InstanceDown(Exception):
+    """The instance serving a request was marked down while the request waited on it."""
 
 
 class Inflight:
@@ -72,8 +79,39 @@ class Member:
     progress: float = -1.0  # prompt + generated tokens at the last change
     progress_at: float = 0.0  # when they last changed (or the instance was idle)
 
+    _down: asyncio.Event | None = field(default=None, repr=False)
+
     def __post_init__(self) -> None:
         self.candidate = Candidate(self.info.engine_id, self.info.url)
+
+    def down_event(self) -> asyncio.Event:
+        """Set when the pool marks this member down (``InstancePool.mark_down``); a fresh
+        one once it is healthy again."""
+        if self._down is None:
+            self._down = asyncio.Event()
+        return self._down
+
+    async def while_up(self, work: Awaitable[T]) -> T:
+        """``work``'s result, unless the pool marks this member down first: then ``work``
+        is cancelled and InstanceDown raised. A dying engine can hold a request open
+        (uvicorn's graceful shutdown keeps in-flight connections while vLLM's engine core
+        is already gone), so waiting for the socket alone could take until a timeout."""
+        down = self.down_event()
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(down.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # we were cancelled (the client left): so is the work
+            task.cancel()
+            raise
+        finally:
+            waiter.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise InstanceDown(f"instance {self.key} ({self.info.engine_id}) went down")
 
     def admit(self) -> Inflight:
         """Count one more request in flight on this member until the result is released."""
@@ -125,6 +163,7 @@ class InstancePool:
             logger.warning("instance %s (%s) down: %s", member.key, member.info.engine_id, reason)
         member.healthy = False
         member.down_since = member.down_since or time.monotonic()
+        member.down_event().set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="disagg-pool-poll")
@@ -167,6 +206,8 @@ class InstancePool:
             self._observe(m, resp.text)
             if not m.healthy:
                 logger.info("instance %s (%s) up at %s", m.key, m.info.engine_id, m.info.url)
+            if not m.healthy:
+                m._down = None  # a fresh event for the requests it takes from now on
             m.healthy, m.down_since = True, None
         self._metrics.instance_up.labels(m.info.role, m.key).set(
             1 if m.healthy and not m.stalled else 0)

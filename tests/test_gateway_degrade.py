@@ -5,6 +5,7 @@ instance's address has nothing listening (its engine died)."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -85,3 +86,30 @@ def test_with_every_decoder_failing_the_prefill_instance_answers(tiny_model):
         assert r.status_code == 200, r.text
         assert r.text.endswith("data: [DONE]\n\n") and "error" not in r.text
         assert len(s.prefill.received) == 1
+
+
+def test_a_prefill_hop_held_open_by_a_dying_engine_ends_when_the_pool_marks_it_down(
+        tiny_model):
+    """A dying vLLM can keep an in-flight request's connection open (graceful shutdown,
+    engine core gone): the hop must end when the pool marks the instance down, and the
+    decoder prefills locally."""
+    hold = threading.Event()
+    with stack(tiny_model) as s:
+        s.prefill.hold = hold
+        result: dict[str, httpx.Response] = {}
+        sender = threading.Thread(target=lambda: result.setdefault("r", s.post(
+            "/v1/completions", {**BODY, "prompt": "the quick brown fox " * 20})))
+        sender.start()
+        deadline = time.monotonic() + 10
+        while s.prefill.active == 0:  # the hop is being held
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        pool, loop = s.gateway.pool, s.gateway.loop
+        assert loop is not None
+        loop.call_soon_threadsafe(pool.mark_down, pool.members["prefill-0"], "test: dying")
+        sender.join(10)
+        hold.set()
+        assert result["r"].status_code == 200, result["r"].text
+        assert len(s.decode.received) == 1
+        assert "kv_transfer_params" not in s.decode.received[0]  # prefilled locally
+        assert s.metric("disagg_failures", kind="prefill", instance="prefill-0") == 1

@@ -152,6 +152,25 @@ def test_engines_answer_only_the_deployment(dep):
         assert all(ip == "127.0.0.1" for ip, _ in ours), ours
 
 
+def test_a_client_leaving_mid_stream_aborts_the_request_on_the_decoder_within_1s(dep):
+    dec = next(i for i in dep.instances.values() if i.role == "decode")
+    body = {"model": "tiny", "prompt": [11] * 40, "max_tokens": 1800, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(timeout=60) as client, \
+            client.stream("POST", dep.url + "/v1/completions", json=body, headers=AUTH) as r:
+        lines = (line for line in r.iter_lines() if line)
+        next(lines)
+        next(lines)
+        running = scrape(dec.url, "vllm:num_requests_running")
+        assert running == 1
+    left = time.monotonic()
+    while scrape(dec.url, "vllm:num_requests_running") != 0:
+        assert time.monotonic() - left < 1.0, "the decoder still runs the abandoned request"
+        time.sleep(0.05)
+    # Its blocks are free again (vLLM's usage counts only blocks held by requests).
+    assert scrape(dec.url, "vllm:kv_cache_usage_perc") == 0
+
+
 def test_idle_instance_uses_under_5_percent_of_a_core(dep):
     time.sleep(3)  # let the last request's stragglers finish
     procs = []
@@ -336,3 +355,18 @@ def test_a_dead_engine_restarts_under_its_living_actor(dep):
     assert [_generate(dep, 20 + i) for i in range(2)]
     assert scrape(dep.url, "disagg_instance_restarts", instance="decode-0") == 1
 
+
+
+def test_an_actor_restarted_by_ray_also_keeps_its_engine_alive(dep):
+    """prefill-0's actor was killed and restarted by Ray above; its engine dies now, and
+    the restarted actor's watchdog must bring it back as well."""
+    old = next(m.info for m in dep.gateway.pool.members.values() if m.info.role == "prefill")
+    psutil.Process(old.pid).children()[0].kill()
+    deadline = time.monotonic() + 600
+    while True:
+        pre = next(i for i in dep.status()["instances"] if i["role"] == "prefill")
+        if pre["engine_id"] != old.engine_id and pre["healthy"]:
+            break
+        assert time.monotonic() < deadline, dep.status()
+        time.sleep(2)
+    assert [_generate(dep, 40 + i) for i in range(2)]

@@ -52,7 +52,10 @@ def stack(tiny_model: Path, api: ApiConfig | None = None, max_inflight: int | No
     prefill_b, decode_b = EngineBehavior(role="prefill"), decode or EngineBehavior()
     with ExitStack() as engines:
         metrics = GatewayMetrics()
-        pool = InstancePool(metrics, interval_s=0.2)
+        # A generous poll timeout: on a busy machine a slow poll of a fake would mark it
+        # down and send its requests elsewhere (degraded serving), which a test then
+        # mistakes for something else.
+        pool = InstancePool(metrics, interval_s=0.2, timeout_s=10.0)
         pool.add("prefill-0", engines.enter_context(FakeEngine(prefill_b)).info(0))
         for i, behavior in enumerate([decode_b, *more_decoders]):
             pool.add(f"decode-{i}", engines.enter_context(FakeEngine(behavior)).info(i))
