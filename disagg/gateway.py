@@ -20,7 +20,6 @@ on another decoder. Nothing unexpected leaves as a bare 500: every error has an 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -47,6 +46,7 @@ from disagg.admission import (
     Slot,
     client_gone,
 )
+from disagg.aio import Stopped, unless
 from disagg.config import ApiConfig, SchedulerConfig, StoreConfig
 from disagg.errors import APIError, http_error, unexpected_error, upstream_error
 from disagg.instance import InstanceInfo
@@ -290,24 +290,14 @@ class Gateway:
         cancelled, which closes its connections to the engines, and vLLM aborts the request
         there (prefill or decode) at once instead of computing an answer nobody reads.
         A streamed answer is past this point: closing its stream aborts it likewise."""
-        task = asyncio.ensure_future(work)
-        gone = asyncio.ensure_future(client_gone(request))
         try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # the handler itself was cancelled: so is the work
-            task.cancel()
-            raise
-        finally:
-            gone.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody to tell
-            await task
-        self.metrics.failures.labels("client", "gateway").inc()
-        logger.info("request %s: the client went away before the answer; aborted",
-                    info.request_id)
-        raise APIError(499, "the client closed the request", code="client_closed")
+            return await unless(work, client_gone(request))
+        except Stopped:
+            self.metrics.failures.labels("client", "gateway").inc()
+            logger.info("request %s: the client went away before the answer; aborted",
+                        info.request_id)
+            raise APIError(499, "the client closed the request", code="client_closed") \
+                from None
 
     async def _route(self, path: str, body: dict[str, Any], info: RequestInfo,
                      start: float) -> Response:

@@ -13,7 +13,6 @@ is *stalled* (a hung engine step, a stuck transfer) and leaves routing until the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ from typing import TypeVar
 
 import httpx
 
+from disagg.aio import Stopped, unless
 from disagg.instance import InstanceInfo, parse_load
 from disagg.metrics import GatewayMetrics
 from disagg.scheduler.base import Candidate
@@ -96,22 +96,11 @@ class Member:
         is cancelled and InstanceDown raised. A dying engine can hold a request open
         (uvicorn's graceful shutdown keeps in-flight connections while vLLM's engine core
         is already gone), so waiting for the socket alone could take until a timeout."""
-        down = self.down_event()
-        task = asyncio.ensure_future(work)
-        waiter = asyncio.ensure_future(down.wait())
         try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # we were cancelled (the client left): so is the work
-            task.cancel()
-            raise
-        finally:
-            waiter.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise InstanceDown(f"instance {self.key} ({self.info.engine_id}) went down")
+            return await unless(work, self.down_event().wait())
+        except Stopped:
+            raise InstanceDown(f"instance {self.key} ({self.info.engine_id}) went down") \
+                from None
 
     def admit(self) -> Inflight:
         """Count one more request in flight on this member until the result is released."""
