@@ -23,7 +23,9 @@ shutdown no engine process left. It prints, last,
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import io
 import json
 import random
 import sys
@@ -110,6 +112,9 @@ class Load:
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
                          for i in range(clients)]
+        self._dep = dep
+        self._running: dict[int, tuple[float, str]] = {}  # client -> (start, path)
+        self._threads.append(threading.Thread(target=self._watch, daemon=True))
 
     def start(self) -> None:
         for t in self._threads:
@@ -127,12 +132,27 @@ class Load:
                 shape = Shape(chat=rng.random() < 0.5, stream=rng.random() < 0.5,
                               prompt=rng.randrange(len(self.texts)),
                               cancel=rng.random() < 0.15)
+                self._running[index] = (time.monotonic(), "chat" if shape.chat else "completion")
                 outcome, detail = self._one(client, shape)
+                self._running.pop(index, None)
                 kind = f"{'chat' if shape.chat else 'completion'}" \
                        f"{'+stream' if shape.stream else ''}"
                 with self._lock:
                     self.outcomes[(kind, outcome)] += 1
                     self.examples.setdefault(outcome, detail)
+
+    def _watch(self) -> None:
+        """Once a request has waited half its deadline, print where the gateway's tasks
+        wait (while it still waits): a hang shows its cause, not only its count."""
+        dumped = False
+        while not self.stop.wait(2.0) and not dumped:
+            now = time.monotonic()
+            slow = [(now - t, path) for t, path in list(self._running.values())
+                    if now - t > self.deadline_s / 2]
+            if slow:
+                dumped = True
+                print(f"soak: a request waits {slow[0][0]:.0f} s ({slow[0][1]}); gateway "
+                      f"tasks:\n{gateway_tasks(self._dep)}", flush=True)
 
     def _one(self, client: httpx.Client, shape: Shape) -> tuple[str, str]:
         path, payload = body(self.model, shape, self.texts)
@@ -158,6 +178,23 @@ class Load:
             return ("allowed" if died else "lost"), f"{path}: stream error event"
         want = self.reference[(shape.chat, shape.prompt)]
         return ("ok", "") if text == want else ("wrong", f"{text!r} != {want!r}")
+
+
+def gateway_tasks(dep: Any) -> str:
+    """The stacks of the gateway's request tasks, and its pool's states."""
+    gw = dep.gateway
+
+    async def dump() -> str:
+        out = [f"pool: {[(m.key, m.status) for m in gw.pool.members.values()]}"]
+        for task in asyncio.all_tasks():
+            buf = io.StringIO()
+            task.print_stack(limit=12, file=buf)
+            out.append(buf.getvalue())
+        return "\n".join(out)
+    try:
+        return asyncio.run_coroutine_threadsafe(dump(), gw.loop).result(10)
+    except Exception as exc:  # noqa: BLE001  # diagnostics only
+        return f"(could not dump: {exc!r})"
 
 
 def reference(dep: Any, texts: list[str]) -> dict[tuple[bool, int], str]:

@@ -110,6 +110,7 @@ class Gateway:
         self.admin = Admin(model.name, pool, self.decider, self.recent, self.index, self.feed,
                            self._authorize, scaler, admission=self.admission.state)
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._deadline_s = api.request_timeout_s  # end to end, streams included
         self._timeout = httpx.Timeout(api.request_timeout_s, connect=5.0)
         self._engine_headers = {"Authorization": f"Bearer {engine_token}"} \
             if engine_token else {}
@@ -266,8 +267,8 @@ class Gateway:
         try:
             body = await self._parse(request, path)
             slot = await self._admit(request)
-            response = await self._unless_gone(request, self._route(path, body, info, start),
-                                               info)
+            response = await self._unless_gone(
+                request, self._in_time(self._route(path, body, info, start), start), info)
         except APIError as exc:
             self.metrics.requests.labels(path, str(exc.status)).inc()
             response = exc.response()
@@ -298,6 +299,21 @@ class Gateway:
                         info.request_id)
             raise APIError(499, "the client closed the request", code="client_closed") \
                 from None
+
+    async def _in_time(self, work: Awaitable[Response], start: float) -> Response:
+        """``work``'s response, or 504 once the request's deadline (api.request_timeout_s
+        from its arrival) passes before its answer begins; the work is then cancelled,
+        which aborts it on the engines."""
+        left = start + self._deadline_s - time.perf_counter()
+        try:
+            async with asyncio.timeout(max(left, 0.0)) as cm:
+                return await work
+        except TimeoutError:
+            if not cm.expired():
+                raise
+            self.metrics.failures.labels("deadline", "gateway").inc()
+            raise APIError(504, "no answer within api.request_timeout_s "
+                           f"({self._deadline_s:g} s)", code="timeout") from None
 
     async def _route(self, path: str, body: dict[str, Any], info: RequestInfo,
                      start: float) -> Response:
@@ -438,16 +454,17 @@ class Gateway:
                       start: float, member: Member) -> Response:
         """Answer from a decoder. One that fails before its answer begins (transport fault,
         5xx, a stream cut before its first chunk) is marked down and the request goes to
-        the next: nothing has reached the client yet. The retry keeps the prefill's KV when
-        it lands on another decoder, and prefills locally on a prefill instance."""
+        the next: nothing has reached the client yet. The retry keeps the prefill's KV."""
         stream = body.get("stream", False)
         tried: set[str] = set()
         while True:
             if member.key in tried or not member.healthy:
                 member = self._pick("decode", info, exclude=tried)
             tried.add(member.key)
-            params = kv_params if member.info.role == "decode" else None
-            dbody = {**body, "kv_transfer_params": params} if params else body
+            # The prefill's KV goes along wherever the request lands (every instance is
+            # kv_both): another instance pulls it, the one that prefilled it finds it in its
+            # own cache; either way its held copy is freed now, not at lease expiry.
+            dbody = {**body, "kv_transfer_params": kv_params} if kv_params else body
             inflight = member.admit()
             try:
                 answer = await member.while_up(open_answer(
@@ -461,4 +478,5 @@ class Gateway:
                 self.pool.mark_down(member, describe(exc))
                 continue  # _pick raises 503 once every instance was tried
             self.metrics.routed.labels("decode", member.key).inc()
-            return self.relay.respond(path, answer, inflight, start)
+            return self.relay.respond(path, answer, inflight, start, member.down_event(),
+                                      start + self._deadline_s)

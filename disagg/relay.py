@@ -3,15 +3,19 @@
 ``open_answer`` sends a request to an engine and waits for the beginning of its answer (the
 whole body, or a stream's first chunk): a fault before that is the caller's to retry, since
 nothing has reached the client yet. ``Relay.respond`` then answers the client, streaming the
-rest; a decoder that breaks off mid-stream ends the stream with an OpenAI error event.
+rest; a stream ends with an OpenAI error event when its decoder breaks off, when the pool
+marks the decoder down (a dying engine can hold a connection open without sending), or at
+the request's deadline: a stream never outlives its decoder or its deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -64,10 +68,12 @@ class Relay:
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
 
-    def respond(self, path: str, answer: Answer, inflight: Inflight, start: float) -> Response:
+    def respond(self, path: str, answer: Answer, inflight: Inflight, start: float,
+                down: asyncio.Event, deadline: float) -> Response:
         """The client's response; ``inflight`` is released when it is done (at once, or at
         the end of the stream). An error answer keeps its status and message, in the
-        OpenAI shape."""
+        OpenAI shape. A stream is cut (error event) once ``down`` is set or at
+        ``deadline`` (``time.perf_counter`` clock)."""
         resp = answer.resp
         if answer.rest is None:
             inflight.release()
@@ -76,26 +82,33 @@ class Relay:
                 return upstream_error(resp.status_code, answer.head).response()
             return Response(answer.head, status_code=resp.status_code,
                             media_type=resp.headers.get("content-type", "application/json"))
-        return HeldStream(self._pipe(path, answer, inflight, start),
+        return HeldStream(self._pipe(path, answer, inflight, start, down, deadline),
                           media_type="text/event-stream", closers=[inflight.release, resp.aclose])
 
-    async def _pipe(self, path: str, answer: Answer, inflight: Inflight,
-                    start: float) -> AsyncIterator[bytes]:
+    async def _pipe(self, path: str, answer: Answer, inflight: Inflight, start: float,
+                    down: asyncio.Event, deadline: float) -> AsyncIterator[bytes]:
         """The stream's first chunk (already read), then the rest as it comes."""
         resp, first = answer.resp, answer.at
         last = first
         assert answer.rest is not None
         try:
             yield answer.head
-            async for chunk in answer.rest:
+            async for chunk in guarded(answer.rest, resp.aclose, down, deadline):
                 now = time.perf_counter()
                 self.metrics.itl.observe(now - last)
                 last = now
                 yield chunk
-        except Exception as exc:  # noqa: BLE001  # the decoder broke off: end it cleanly
-            logger.warning("request %s: decode stream broke off: %s",
-                           resp.request.headers.get("X-Request-Id"), describe(exc))
-            error = APIError(502, "the decode instance broke off the stream", code="upstream")
+        except Exception as exc:  # noqa: BLE001  # broke off, down or late: end it cleanly
+            rid = resp.request.headers.get("X-Request-Id")
+            if isinstance(exc, StreamDeadline):
+                self.metrics.failures.labels("deadline", "gateway").inc()
+                logger.warning("request %s: stream cut at its deadline", rid)
+                error = APIError(504, "the request ran past api.request_timeout_s",
+                                 code="timeout")
+            else:
+                logger.warning("request %s: decode stream broke off: %s", rid, describe(exc))
+                error = APIError(502, "the decode instance broke off the stream",
+                                 code="upstream")
             yield f"data: {json.dumps(error.body())}\n\n".encode()
         finally:
             await resp.aclose()
@@ -108,6 +121,66 @@ class Relay:
         if status == 200:
             self.metrics.ttft.observe((first or now) - start)
             self.metrics.e2e.observe(now - start)
+
+
+class StreamDeadline(Exception):
+    """The stream reached its request's deadline."""
+
+
+class DecoderDown(Exception):
+    """The pool marked the stream's decoder down while it streamed."""
+
+
+_END = object()
+
+
+async def guarded(chunks: AsyncIterator[bytes], close: Callable[[], Awaitable[None]],
+                  down: asyncio.Event, deadline: float) -> AsyncIterator[bytes]:
+    """``chunks`` as they come, until ``down`` is set (DecoderDown) or ``deadline``
+    (``time.perf_counter`` clock; StreamDeadline). A reader task owns the upstream read, so
+    the task that serves the client can stop waiting for it at any time (an asyncio timeout
+    cannot span an async generator's yields). On the way out ``close`` (the upstream
+    response's) ends the read: it closes the connection, and the engine aborts the request.
+    The read is not cancelled: httpcore cannot close a connection from a cancelled task."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=64)  # backpressure from a slow client
+    loop = asyncio.get_running_loop()
+
+    async def pump() -> None:
+        try:
+            async for chunk in chunks:
+                await queue.put(chunk)
+            await queue.put(_END)
+        except Exception as exc:  # noqa: BLE001  # handed to the consumer
+            await queue.put(exc)
+
+    def stop(why: Exception) -> None:
+        while queue.full():  # room for the verdict: what is queued is dropped anyway
+            queue.get_nowait()
+        queue.put_nowait(why)
+
+    reader = asyncio.create_task(pump())
+    watcher = asyncio.create_task(down.wait())
+    watcher.add_done_callback(lambda w: None if w.cancelled() else stop(DecoderDown(
+        "the instance went down")))
+    timer = loop.call_at(loop.time() + max(0.0, deadline - time.perf_counter()),
+                         stop, StreamDeadline())
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        timer.cancel()
+        watcher.cancel()
+        if not reader.done():
+            await close()
+            while queue.full():  # a reader blocked on a full queue sees the close too
+                queue.get_nowait()
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(reader, 5.0)  # cancelled if the close did not end it
 
 
 def describe(why: Exception | str) -> str:

@@ -4,6 +4,7 @@ instance's address has nothing listening (its engine died)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -113,3 +114,51 @@ def test_a_prefill_hop_held_open_by_a_dying_engine_ends_when_the_pool_marks_it_d
         assert len(s.decode.received) == 1
         assert "kv_transfer_params" not in s.decode.received[0]  # prefilled locally
         assert s.metric("disagg_failures", kind="prefill", instance="prefill-0") == 1
+
+
+def _stream_lines(s, body: dict) -> tuple[list[str], float]:
+    """A streamed request's non-empty lines, and the seconds until it ended."""
+    t0 = time.monotonic()
+    with s.client.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line]
+    return lines, time.monotonic() - t0
+
+
+def test_a_stream_held_open_by_a_decoder_marked_down_ends_with_an_error_event(tiny_model):
+    """A dying engine can keep a stream's connection open and send nothing more: the stream
+    ends with an OpenAI error event as soon as the pool marks its decoder down, and the
+    decoder sees the request go away (vLLM aborts it)."""
+    decoder = EngineBehavior(hang_after=1)
+    with stack(tiny_model, decode=decoder) as s:
+        pool, loop = s.gateway.pool, s.gateway.loop
+        assert loop is not None
+        member = pool.members["decode-0"]
+        loop.call_later(0.5, pool.mark_down, member, "test: dying")
+        lines, took = _stream_lines(s, {**BODY, "stream": True})
+        assert took < 5
+        assert "t0" in lines[0]
+        error = json.loads(lines[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "upstream" and "broke off" in error["message"]
+        deadline = time.monotonic() + 5
+        while decoder.aborted != 1:
+            assert time.monotonic() < deadline, (decoder.aborted, decoder.active)
+            time.sleep(0.02)
+
+
+def test_the_request_deadline_bounds_the_wait_for_an_answer_and_the_stream(tiny_model):
+    """api.request_timeout_s is end to end: no answer by then is a 504 with an OpenAI
+    body; a stream still running then ends with an error event."""
+    api = ApiConfig(request_timeout_s=1.0)
+    with stack(tiny_model, api=api, decode=EngineBehavior(hang_after=2)) as s:
+        lines, took = _stream_lines(s, {**BODY, "stream": True})
+        assert 0.9 < took < 5
+        assert "t1" in lines[1]
+        assert json.loads(lines[-1].removeprefix("data: "))["error"]["code"] == "timeout"
+        s.decode.hold = threading.Event()  # the next answer never begins
+        t0 = time.monotonic()
+        r = s.post("/v1/completions", BODY)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+        assert time.monotonic() - t0 < 5
+        s.decode.hold.set()
+        assert s.metric("disagg_failures", kind="deadline", instance="gateway") == 2

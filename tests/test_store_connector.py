@@ -209,3 +209,19 @@ def test_a_disabled_store_is_no_store(tmp_path):
         assert w.store is None and "store" not in w.loaders
     finally:
         w.close()
+
+
+def test_a_request_back_on_the_instance_that_prefilled_it_frees_the_held_copy():
+    """A decode retried on the prefill instance that holds its KV (degraded: no decoder)
+    pulls nothing from itself; the held copy is released at once, not at lease expiry."""
+    sched = ConnectorScheduler(connector_config(store=StoreConfig(enabled=False)), "p1", BLOCK)
+    params = KVTransferParams(remote_engine_id="p1", remote_request_id="pr",
+                              remote_host="127.0.0.1", remote_port=1,
+                              remote_block_ids=list(range(12)),
+                              remote_num_tokens=len(PROMPT)).model_dump()
+    request = _request(kv_transfer_params=params, status=RequestStatus.WAITING)
+    assert sched.num_new_matched_tokens(request, 0) == (0, False)
+    sched.after_alloc(request, None, 0)
+    meta = sched.build_meta()
+    assert meta.recvs == [] and [r.remote_request_id for r in meta.releases] == ["pr"]
+    assert meta.releases[0].peer.engine_id == "p1"

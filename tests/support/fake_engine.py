@@ -41,6 +41,8 @@ class EngineBehavior:
     error: tuple[int, dict[str, Any]] | None = None  # answer this (status, body) instead
     cut_after: int | None = None  # streams die (connection cut) after this many tokens;
     # a whole (non-streamed) answer is cut part-way
+    hang_after: int | None = None  # streams stop sending (connection kept open) after this
+    # many tokens, as a dying engine can, until the client goes away
     received: list[dict[str, Any]] = field(default_factory=list)  # bodies, in order
     headers: list[dict[str, str]] = field(default_factory=list)
     active: int = 0  # requests being answered now
@@ -103,7 +105,7 @@ class _Engine:
                     return Response(status_code=499)
                 await asyncio.sleep(0.005)
             if body.get("stream"):
-                return StreamingResponse(self._stream(body, chat),
+                return StreamingResponse(self._stream(request, body, chat),
                                          media_type="text/event-stream")
             if self.b.cut_after is not None:  # the engine dies while writing its answer
                 return StreamingResponse(self._cut(), media_type="application/json")
@@ -139,11 +141,12 @@ class _Engine:
         n = body.get("n")
         return n if isinstance(n, int) and 1 <= n <= 64 else 1
 
-    async def _stream(self, body: dict[str, Any], chat: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, request: Request, body: dict[str, Any],
+                      chat: bool) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         done = False
         try:
-            async for chunk in self._chunks(body, chat, obj):
+            async for chunk in self._chunks(request, body, chat, obj):
                 yield chunk
             done = True
         finally:
@@ -155,11 +158,16 @@ class _Engine:
         yield b'{"id": "fake", "cho'
         raise ConnectionAbortedError("fake engine cut the answer")
 
-    async def _chunks(self, body: dict[str, Any], chat: bool,
+    async def _chunks(self, request: Request, body: dict[str, Any], chat: bool,
                       obj: str) -> AsyncIterator[bytes]:
         for i in range(self._tokens(body)):
             if i == self.b.cut_after:
                 raise ConnectionAbortedError("fake engine cut the stream")
+            if i == self.b.hang_after:  # silent until the client goes away
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.01)
+                self.b.aborted += 1  # as vLLM aborts it
+                return
             if i and self.b.itl_s:
                 await asyncio.sleep(self.b.itl_s)
             self.b.tokens += 1

@@ -103,7 +103,10 @@ class ConnectorScheduler:
         if request.request_id in self._handled:
             return 0, False
         params = _remote_params(request)
-        peer_end = min(params.remote_num_tokens, request.num_prompt_tokens) if params else 0
+        # Our own held copy (a retry that came back to the instance that prefilled it) is
+        # in our prefix cache already: nothing to pull, and after_alloc frees the hold.
+        peer_end = min(params.remote_num_tokens, request.num_prompt_tokens) \
+            if params and params.remote_engine_id != self.engine_id else 0
         count = max(self._store_end(request), peer_end) - num_computed
         return (count, True) if count > 0 else (0, False)
 
@@ -134,7 +137,7 @@ class ConnectorScheduler:
             return
         peer = _peer(params)
         rest = local[n_store:]
-        if not rest:
+        if not rest or params.remote_engine_id == self.engine_id:
             self._meta.releases.append(ReleaseOrder(peer, params.remote_request_id))
             return
         first = skip + n_store
