@@ -65,6 +65,23 @@ class Resources(_Strict):
     memory_gib: Annotated[float, Field(ge=0)] = Field(0.0, description="Ray memory reservation.")
 
 
+_LABEL_KEY = r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?$"
+
+
+class Placement(_Strict):
+    """Where a pool's replicas may run on a Ray cluster. Nodes carry labels from
+    ``ray start --labels host=b,zone=z1`` (and Ray's own, e.g. ``ray.io/node-id``)."""
+
+    labels: dict[Annotated[str, Field(pattern=_LABEL_KEY)], str] = Field(
+        default_factory=dict, description="Node labels every replica requires (Ray's "
+        "label_selector): an exact value (host: b), a choice (host: 'in(b,c)') or an "
+        "exclusion (host: '!a'). Empty: any node with the resources.")
+    strategy: Literal["PACK", "SPREAD"] = Field(
+        "PACK", description="PACK: Ray's default, fill a node before the next (fewest "
+        "hops, shared disk tier). SPREAD: replicas on as many nodes as possible (a lost "
+        "node takes fewer of them).")
+
+
 class Pool(_Strict):
     """A pool of identical vLLM instances with one role."""
 
@@ -73,6 +90,8 @@ class Pool(_Strict):
         1, description="Tensor-parallel size of each instance."
     )
     resources: Resources = Field(default_factory=Resources)
+    placement: Placement = Field(default_factory=Placement,
+                                 description="Which Ray nodes the replicas may run on.")
 
     @model_validator(mode="after")
     def _gpus_match_tp(self) -> Pool:

@@ -122,8 +122,28 @@ def node_ip() -> str:
 def bind_ip(advertised: str) -> str:
     """The address this node's engines bind: ``DISAGG_BIND_IP`` (behind NAT, where the
     address peers use is not one of ours), else the advertised address itself. Never all
-    interfaces unless an operator asks for it."""
-    return os.environ.get("DISAGG_BIND_IP") or advertised
+    interfaces unless an operator asks for it. Fails fast (ValueError) when that address
+    is not one of this node's own: the engine could not bind it, or peers would reach
+    another machine."""
+    chosen = os.environ.get("DISAGG_BIND_IP") or advertised
+    if chosen in ("0.0.0.0", "::"):  # asked for explicitly
+        return chosen
+    local = local_addresses()
+    if chosen not in local:
+        how = "DISAGG_BIND_IP" if os.environ.get("DISAGG_BIND_IP") else \
+            "the node address (DISAGG_NODE_IP, or Ray's for this node)"
+        raise ValueError(
+            f"{how} {chosen} is not an address of this node (it has {', '.join(sorted(local))})"
+            ". Behind NAT set DISAGG_BIND_IP to a local address and DISAGG_NODE_IP to the "
+            "one peers reach; otherwise start Ray with --node-ip-address set to this node's "
+            "own address.")
+    return chosen
+
+
+def local_addresses() -> set[str]:
+    """Every IPv4/IPv6 address of this node's interfaces."""
+    return {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values()
+            for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)}
 
 
 class VLLMProcess:
@@ -225,7 +245,9 @@ class VLLMProcess:
         env = dict(os.environ)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(self.spec.engine.kv_cache_gib)
         if self.spec.cpu_cores:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, self.spec.cpu_cores))
+            # Planned on the launcher's machine; this node may have fewer cores.
+            cores = sorted({c % (os.cpu_count() or 1) for c in self.spec.cpu_cores})
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
             env["DISAGG_CPU_AFFINITY"] = env["VLLM_CPU_OMP_THREADS_BIND"]
         # The engine runs in this process tree; keep Ray from adopting its children.
         env.pop("RAY_ADDRESS", None)

@@ -78,6 +78,10 @@ class InstanceActors:
             "max_restarts": -1, "max_task_retries": 0, "name": f"{self.name}-{key}"}
         if pool.resources.memory_gib:
             opts["memory"] = int(pool.resources.memory_gib * 2**30)
+        if pool.placement.labels:
+            opts["label_selector"] = dict(pool.placement.labels)
+        if pool.placement.strategy == "SPREAD":
+            opts["scheduling_strategy"] = "SPREAD"
         self._handles[key] = RemoteInstance.options(**opts).remote(spec.model_dump_json(),
                                                                   self._secret)
         return key

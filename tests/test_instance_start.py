@@ -109,3 +109,19 @@ def test_root_cause_skips_vllm_log_prefix_and_picks_the_first_error():
     assert root_cause(log) == "zmq.error.ZMQError: Address already in use (addr='tcp://*:47817')"
     assert root_cause("all fine\n") is None
 
+
+
+def test_an_engine_binds_only_an_address_of_its_own_node(monkeypatch):
+    """The advertised address is bound as is; one that is not this node's (a NAT'd or
+    another host's address) fails fast naming the fix; DISAGG_BIND_IP overrides."""
+    from disagg.instance import bind_ip
+
+    monkeypatch.delenv("DISAGG_BIND_IP", raising=False)
+    assert bind_ip("127.0.0.1") == "127.0.0.1"
+    with pytest.raises(ValueError, match="not an address of this node.*DISAGG_BIND_IP"):
+        bind_ip("192.0.2.77")  # TEST-NET-1: never assigned to a real interface
+    monkeypatch.setenv("DISAGG_BIND_IP", "127.0.0.1")
+    assert bind_ip("192.0.2.77") == "127.0.0.1"  # behind NAT: advertised != bound
+    monkeypatch.setenv("DISAGG_BIND_IP", "192.0.2.78")
+    with pytest.raises(ValueError, match="DISAGG_BIND_IP 192.0.2.78"):
+        bind_ip("127.0.0.1")

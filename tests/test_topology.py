@@ -65,3 +65,18 @@ def test_core_assignment_whole_and_shared():
     assert assign_cores(t, 2) == {"prefill-0": [0], "prefill-1": [0], "decode-0": [1]}
     t = load_topology(EXAMPLES / "1p2d.yaml")
     assert assign_cores(t, 2) == {"prefill-0": [0], "decode-0": [1], "decode-1": [1]}
+
+
+def test_placement_names_nodes_by_label_and_errors_name_the_field():
+    t = parse_topology({"prefill": {"placement": {"labels": {"host": "in(a,b)"},
+                                                  "strategy": "SPREAD"}},
+                        "decode": {"placement": {"labels": {"host": "c"}}}})
+    assert t.prefill.placement.labels == {"host": "in(a,b)"}
+    assert t.prefill.placement.strategy == "SPREAD"
+    assert t.decode.placement.strategy == "PACK"
+    with pytest.raises(TopologyError, match=r"decode\.placement\.strategy"):
+        parse_topology({"decode": {"placement": {"strategy": "spread-ish"}}})
+    with pytest.raises(TopologyError, match=r"prefill\.placement\.labels\.-bad key"):
+        parse_topology({"prefill": {"placement": {"labels": {"-bad key": "x"}}}})
+    with pytest.raises(TopologyError, match=r"prefill\.placement\.nodes: unknown field"):
+        parse_topology({"prefill": {"placement": {"nodes": ["a"]}}})

@@ -92,9 +92,11 @@ def complete(url: str, model: str, prompt, max_tokens: int, stream: bool,
     with httpx.stream("POST", url + path, json=body, timeout=timeout,
                       headers=engine_headers()) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                choices = json.loads(line[6:]).get("choices") or []
+        # Events end with a blank line; iter_lines() would also split inside a JSON string
+        # at characters like U+2028 or U+0085, which generated text may hold.
+        for event in r.read().decode().split("\n\n"):
+            if event.startswith("data: ") and event != "data: [DONE]":
+                choices = json.loads(event[6:]).get("choices") or []
                 for c in choices:
                     ids.extend(c.get("token_ids") or [])
     return ids
