@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 
 from disagg.errors import APIError
 from disagg.kv_feed import KVEventFeed
-from disagg.pool import InstancePool
+from disagg.pool import InstancePool, link_report
 from disagg.scheduler.decider import PrefillDecider
 from disagg.scheduler.kv_index import PrefixIndex
 from disagg.tiers import is_store
@@ -57,6 +57,7 @@ class Admin:
                 "inflight": m.candidate.inflight, "running": m.candidate.running,
                 "waiting": m.candidate.waiting, "kv_usage": m.candidate.kv_usage,
                 "indexed_blocks": per_holder.get(m.info.engine_id, 0),
+                "kv_links": link_report(m.kv_links),
             } for m in self._pool.members.values()],
             "index": None if held is None or self._index is None else {
                 "entries": held.entries, "hashes": held.hashes, "evicted": held.evicted,

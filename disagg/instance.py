@@ -119,6 +119,13 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
+def ucx_environment(log_stem: str) -> dict[str, str]:
+    """The variables that make UCX report the protocols it picks to ``<log_stem>.<pid>``
+    (what ``disagg.transfer.nixl.ucx_info`` reads), where the operator did not set them."""
+    env = {"UCX_PROTO_INFO": "y", "UCX_LOG_FILE": f"{log_stem}.%p"}
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
 def bind_ip(advertised: str) -> str:
     """The address this node's engines bind: ``DISAGG_BIND_IP`` (behind NAT, where the
     address peers use is not one of ours), else the advertised address itself. Never all
@@ -256,6 +263,8 @@ class VLLMProcess:
         env[ENGINE_TOKEN_ENV] = self._token
         # The KV-event publisher binds bind_host exactly, not every interface (vllm_plugin).
         env[EXACT_BIND_ENV] = "1"
+        # UCX reports the transport it picks for KV reads (status and metrics per peer).
+        env.update(ucx_environment(str(Path(self.log_path).with_suffix("")) + ".ucx"))
         return env
 
     def start(self) -> None:

@@ -59,3 +59,6 @@ class GatewayMetrics:
                                 "pulling KV.", ["instance"], registry=r)
         self.kv_failures = Gauge("disagg_kv_transfer_failures", "KV pulls an instance "
                                  "failed (recomputed).", ["instance"], registry=r)
+        self.kv_link = Gauge("disagg_kv_link", "Per decode instance and prefill peer, over "
+                             "the transport UCX chose: bytes, seconds, pulls, failures.",
+                             ["instance", "peer", "transport", "field"], registry=r)

@@ -78,6 +78,8 @@ class Member:
     stalled: bool = False  # busy, but its token counters stood still for stall_s
     progress: float = -1.0  # prompt + generated tokens at the last change
     progress_at: float = 0.0  # when they last changed (or the instance was idle)
+    kv_links: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    # (prefill engine id, UCX transport) -> bytes, seconds, pulls, failures, from its metrics
 
     _down: asyncio.Event | None = field(default=None, repr=False)
 
@@ -213,6 +215,10 @@ class InstancePool:
         self._metrics.kv_bytes.labels(m.key).set(counters.get("kv_bytes_received", 0))
         self._metrics.kv_seconds.labels(m.key).set(counters.get("kv_transfer_seconds", 0))
         self._metrics.kv_failures.labels(m.key).set(counters.get("kv_transfer_failures", 0))
+        m.kv_links = _kv_links(series)
+        for (peer, transport), link in m.kv_links.items():
+            for name, value in link.items():
+                self._metrics.kv_link.labels(m.key, peer, transport, name).set(value)
 
     def _track_progress(self, m: Member, tokens: float, busy: bool) -> None:
         now = time.monotonic()
@@ -247,6 +253,31 @@ def _tokens_done(series: Series) -> float:
     """Prompt tokens computed plus tokens generated, over the engine's label sets."""
     return sum(v for (name, _), v in series.items()
                if name in ("vllm:prompt_tokens", "vllm:generation_tokens"))
+
+
+def _kv_links(series: Series) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (prefill peer, transport): the connector's ``vllm:disagg_kv_peer_*`` counters."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for (name, labels), value in series.items():
+        if not name.startswith("vllm:disagg_kv_peer_"):
+            continue
+        lab = dict(labels)
+        link = out.setdefault((lab.get("peer", ""), lab.get("transport", "")), {})
+        field_ = name.removeprefix("vllm:disagg_kv_peer_")
+        link[field_] = link.get(field_, 0.0) + value
+    return out
+
+
+def link_report(links: dict[tuple[str, str], dict[str, float]]) -> list[dict[str, object]]:
+    """Status rows, one per (peer, transport), with the pulls' average GB/s."""
+    rows: list[dict[str, object]] = []
+    for (peer, transport), link in sorted(links.items()):
+        secs = link.get("seconds", 0.0)
+        rows.append({"peer": peer, "transport": transport, "bytes": int(link.get("bytes", 0)),
+                     "pulls": int(link.get("pulls", 0)),
+                     "failures": int(link.get("failures", 0)),
+                     "gbps": round(link.get("bytes", 0) / secs / 1e9, 3) if secs else None})
+    return rows
 
 
 def _disagg_counters(series: Series) -> dict[str, float]:

@@ -128,15 +128,16 @@ class Deployment:
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
     def status(self) -> dict[str, Any]:
-        """Every instance with its role, engine, address, health and load."""
-        members = self._server.gateway.pool.members.values() if self._server else []
-        return {"url": self.url, "model": self.served_model_name, "instances": [
-            {"key": m.key, "role": m.info.role, "engine_id": m.info.engine_id,
-             "url": m.info.url, "healthy": m.healthy, "stalled": m.stalled,
-             "restarts": m.info.restarts,
-             "inflight": m.candidate.inflight,
-             "running": m.candidate.running, "waiting": m.candidate.waiting,
-             "kv_usage": m.candidate.kv_usage, "log": m.info.log_path} for m in members]}
+        """Every instance with its role, engine, address, health, load and KV links (what
+        the gateway's /v1/disagg/status shows), and each one's log."""
+        if self._server is None:
+            return {"url": self.url, "model": self.served_model_name, "instances": []}
+        gateway = self._server.gateway
+        members = gateway.pool.members
+        rows = gateway.call(gateway.admin.status)["instances"]  # on its loop: no races
+        for row in rows:
+            row["log"] = members[row["key"]].info.log_path
+        return {"url": self.url, "model": self.served_model_name, "instances": rows}
 
     def engine_headers(self) -> dict[str, str]:
         """What a caller of this deployment's engines must send (they refuse anyone else):

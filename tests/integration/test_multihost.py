@@ -127,3 +127,14 @@ def test_kv_crosses_the_link_and_outputs_match_plain_vllm(hosts, served, referen
     assert pulled > 0, "no KV was pulled"
     # The pulls went over c's link (not shared memory): it carried at least the KV bytes.
     assert hosts["c"].link_bytes() - link0 >= pulled, (hosts["c"].link_bytes() - link0, pulled)
+
+
+def test_status_names_the_transport_ucx_chose_per_peer_pair(served):
+    """UCX's own report, not an assumption: b to c went over TCP on c's link device."""
+    inst = _instances(served)
+    links = inst["decode"]["kv_links"]
+    assert [(k["peer"], k["failures"]) for k in links] == [(inst["prefill"]["engine_id"], 0)]
+    assert links[0]["transport"].startswith("tcp/"), links
+    assert links[0]["bytes"] > 0 and links[0]["gbps"] > 0
+    text = httpx.get(served + "/metrics", timeout=10).text
+    assert f'transport="{links[0]["transport"]}"' in text

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from disagg.transfer.connector.metadata import PeerAddress, RecvOrder, StoreLoadOrder
-from disagg.transfer.connector.stats import TransferStats
+from disagg.transfer.connector.stats import TransferStats, peer_key
 from disagg.transfer.control import channel
 from disagg.transfer.control.messages import Compat, HandshakeReply, HandshakeRequest
 from disagg.transfer.nixl.endpoint import KVEndpoint, Read
+from disagg.transfer.nixl.ucx_info import TransportReport
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class PeerLoader(KVLoader[RecvOrder]):
         self.compat, self._stats, self._pool = compat, stats, pool
         self.handshake_timeout_s, self.timeout_s = handshake_timeout_s, timeout_s
         self._pulls: dict[str, _Pull] = {}
+        self._ucx = TransportReport()
+        self.transports: dict[str, str] = {}  # peer engine id -> what UCX reads it over
 
     def start(self, order: RecvOrder) -> None:
         now = time.monotonic()
@@ -134,7 +137,10 @@ class PeerLoader(KVLoader[RecvOrder]):
             if state == "DONE":
                 self._count(pull, now)
             else:
-                self.endpoint.forget_peer(pull.order.peer.engine_id)
+                peer = pull.order.peer.engine_id
+                self._stats().add(peer_key(peer, self._transport(peer), "failures"))
+                self.transports.pop(peer, None)
+                self.endpoint.forget_peer(peer)
             done.append(LoadResult(pull.order, state == "DONE", reason,
                                    len(pull.order.local_block_ids) if state == "DONE" else 0))
         return done
@@ -162,3 +168,19 @@ class PeerLoader(KVLoader[RecvOrder]):
         s.add("kv_descriptors", pull.read.num_descriptors)
         s.add("kv_transfers_received")
         s.add("kv_transfer_seconds", now - pull.started)
+        peer = pull.order.peer.engine_id
+        transport = self._transport(peer)
+        s.add(peer_key(peer, transport, "bytes"), pull.read.num_bytes)
+        s.add(peer_key(peer, transport, "seconds"), now - pull.started)
+        s.add(peer_key(peer, transport, "pulls"))
+
+    def _transport(self, peer: str) -> str:
+        """What UCX reads ``peer`` over: its report as of the first pull from it (UCX picks
+        the protocol when the first READ goes out)."""
+        if peer not in self.transports:
+            transport = self._ucx.refresh()
+            if transport == "unknown":
+                return transport  # ask again next time
+            self.transports[peer] = transport
+            logger.info("KV from %s arrives over UCX %s", peer, transport)
+        return self.transports[peer]

@@ -77,6 +77,18 @@ for _tier in ("cpu", "disk", "redis"):
         COUNTERS[f"store_{_tier}_{_f}"] = f"KV store {_tier} tier: {_doc}."
 
 
+# Per peer pair: keys "peer|<prefill engine id>|<UCX transport>|<field>" in the stats, one
+# ``vllm:disagg_kv_peer_<field>`` counter with labels peer and transport on /metrics.
+PEER_FIELDS = {"bytes": "KV bytes pulled from one prefill peer, by the transport UCX chose.",
+               "seconds": "Seconds spent pulling from one prefill peer, start to completion.",
+               "pulls": "Completed KV pulls from one prefill peer.",
+               "failures": "KV pulls from one prefill peer that failed or timed out."}
+
+
+def peer_key(peer: str, transport: str, field: str) -> str:
+    return f"peer|{peer}|{transport}|{field}"
+
+
 class StatsSink(Protocol):
     """What counters are added to: a ``TransferStats``, or a lock around one."""
 
@@ -119,8 +131,19 @@ class DisaggPromMetrics(KVConnectorPromMetrics):
             )
             for name, doc in COUNTERS.items()
         }
+        self._engine_labels = per_engine_labelvalues
+        self._peer = {f: self._counter_cls(name=f"vllm:disagg_kv_peer_{f}", documentation=doc,
+                                           labelnames=[*labelnames, "peer", "transport"])
+                      for f, doc in PEER_FIELDS.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, value in transfer_stats_data.items():
-            if value and name in self._counters:
+            if not value:
+                continue
+            if name in self._counters:
                 self._counters[name][engine_idx].inc(value)
+            elif name.startswith("peer|"):
+                _, peer, transport, f = name.split("|", 3)
+                if f in self._peer:
+                    self._peer[f].labels(*self._engine_labels[engine_idx], peer,
+                                         transport).inc(value)
