@@ -10,6 +10,7 @@ live in higher layers (policy names) is ``disagg.launch.topology``'s job.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -153,9 +154,14 @@ class StoreConfig(_Strict):
         1.0, description="CPU tier capacity per instance, GiB."
     )
     disk_path: str | None = Field(
-        None, description="Directory of the disk tier (shared by this host's instances); "
-        "None: no disk tier.",
+        None, description="Directory of the disk tier, shared by this host's instances; "
+        "None: no disk tier. '{host}' in it becomes the node's hostname, so hosts that share "
+        "a filesystem (an NFS home) still get a directory each.",
     )
+    disk_shared: bool = Field(
+        False, description="disk_path is one filesystem mounted on every host (no '{host}' "
+        "in it): a chunk saved on one host loads on all, and the gateway credits every "
+        "instance with it.")
     disk_gib: Annotated[float, Field(gt=0)] = Field(8.0, description="Disk tier cap, GiB.")
     redis_url: str | None = Field(
         None, description="redis://host:port/db of the Redis tier; None: no Redis tier."
@@ -186,8 +192,11 @@ class StoreConfig(_Strict):
 
     @property
     def disk_dir(self) -> str | None:
-        """``disk_path`` with ``~`` expanded, as the disk tier opens it."""
-        return str(Path(self.disk_path).expanduser()) if self.disk_path else None
+        """``disk_path`` with ``~`` and ``{host}`` (this node's hostname) expanded, as the
+        disk tier opens it."""
+        if not self.disk_path:
+            return None
+        return str(Path(self.disk_path.replace("{host}", socket.gethostname())).expanduser())
 
     @model_validator(mode="after")
     def _urls(self) -> StoreConfig:
@@ -195,6 +204,9 @@ class StoreConfig(_Strict):
                                                              "unix://")):
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, "
                              f"got {self.redis_url!r}")
+        if self.disk_shared and (not self.disk_path or "{host}" in self.disk_path):
+            raise ValueError("disk_shared needs a disk_path without '{host}' (one directory "
+                             "every host mounts); drop disk_shared for a directory per host")
         return self
 
 

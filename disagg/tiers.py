@@ -7,6 +7,7 @@ written through to disk and Redis), so the widest tier decides who can load them
 
     store:redis             any instance of the deployment (one Redis for all hosts)
     store:disk@<host>       the instances on that host (the disk tier is a local directory)
+    store:disk@*            any instance (store.disk_shared: one filesystem on every host)
     store:cpu@<engine_id>   that instance alone
 
 The connector reports a save as vLLM ``BlockStored`` events with this name as ``medium``;
@@ -25,18 +26,22 @@ def own_tier(engine_id: str) -> str:
     return f"{PREFIX}cpu@{engine_id}"
 
 
-def saved_medium(engine_id: str, host: str, disk: bool, redis: bool) -> str:
+SHARED_DISK = f"{PREFIX}disk@*"
+
+
+def saved_medium(engine_id: str, host: str, disk: bool, redis: bool,
+                 disk_shared: bool = False) -> str:
     """Where a chunk saved by ``engine_id`` (on ``host``) can be loaded from, widest first."""
     if redis:
         return f"{PREFIX}redis"
     if disk:
-        return f"{PREFIX}disk@{host}"
+        return SHARED_DISK if disk_shared else f"{PREFIX}disk@{host}"
     return own_tier(engine_id)
 
 
 def loadable_by(engine_id: str, host: str) -> tuple[str, ...]:
     """Every store name ``engine_id`` (on ``host``) can load from."""
-    return (f"{PREFIX}redis", f"{PREFIX}disk@{host}", own_tier(engine_id))
+    return (f"{PREFIX}redis", SHARED_DISK, f"{PREFIX}disk@{host}", own_tier(engine_id))
 
 
 def is_store(name: str) -> bool:

@@ -225,3 +225,20 @@ def test_a_request_back_on_the_instance_that_prefilled_it_frees_the_held_copy():
     meta = sched.build_meta()
     assert meta.recvs == [] and [r.remote_request_id for r in meta.releases] == ["pr"]
     assert meta.releases[0].peer.engine_id == "p1"
+
+
+def test_disk_tiers_are_per_host_unless_shared(monkeypatch):
+    """'{host}' gives hosts on one filesystem a directory each; a shared disk tier is
+    credited to every instance, a per-host one only to that host's."""
+    from disagg.config import StoreConfig
+    from disagg.tiers import SHARED_DISK, saved_medium
+
+    monkeypatch.setattr("socket.gethostname", lambda: "hostb")
+    assert StoreConfig(disk_path="/kv/{host}").disk_dir == "/kv/hostb"
+    with pytest.raises(ValueError, match="disk_shared"):
+        StoreConfig(disk_path="/kv/{host}", disk_shared=True)
+    assert saved_medium("e1", "10.0.0.5", disk=True, redis=False) == "store:disk@10.0.0.5"
+    shared = saved_medium("e1", "10.0.0.5", disk=True, redis=False, disk_shared=True)
+    assert shared == SHARED_DISK
+    assert shared in loadable_by("e9", "10.0.0.9")
+    assert "store:disk@10.0.0.5" not in loadable_by("e9", "10.0.0.9")

@@ -9,6 +9,7 @@ the links' byte counters; greedy outputs are token-identical to a plain vLLM.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +20,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.helpers import complete, plain_vllm, scrape, token_prompts
+from tests.integration.helpers import (
+    complete,
+    engine_headers,
+    plain_vllm,
+    scrape,
+    token_prompts,
+)
 from tests.support.hosts import HostCluster, HostsUnavailable, unavailable_reason
+from tests.support.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -58,12 +66,29 @@ def reference(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(hosts, tiny_model, tmp_path_factory) -> Iterator[str]:
+def redis_on_a(hosts) -> Iterator[str]:
+    """One Redis for every host, on host a, with a password (a URL with credentials)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH (scripts/setup.sh installs it)")
+    with redis_server(6379, password="multi-host-secret", host=hosts.head.ip,
+                      wrap=hosts.head.argv) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def kv_dirs(tmp_path_factory) -> Path:
+    """The disk tiers' parent: one directory per host beneath it ('{host}')."""
+    return tmp_path_factory.mktemp("kv")
+
+
+@pytest.fixture(scope="module")
+def served(hosts, tiny_model, tmp_path_factory, redis_on_a, kv_dirs) -> Iterator[str]:
     """``disagg serve`` on host a, joined to the cluster; the gateway's URL."""
     topo = {"model": "tiny", "engine": ENGINE,
             "prefill": {"replicas": 1, "placement": {"labels": {"host": "b"}}},
             "decode": {"replicas": 1, "placement": {"labels": {"host": "c"}}},
             "scheduler": {"min_remote_prefill_tokens": 0},
+            "store": {"redis_url": redis_on_a, "disk_path": f"{kv_dirs}/{{host}}"},
             "api": {"host": hosts.head.ip, "port": GATEWAY_PORT}}
     folder = tmp_path_factory.mktemp("multihost")
     path = folder / "topo.yaml"
@@ -138,3 +163,33 @@ def test_status_names_the_transport_ucx_chose_per_peer_pair(served):
     assert links[0]["bytes"] > 0 and links[0]["gbps"] > 0
     text = httpx.get(served + "/metrics", timeout=10).text
     assert f'transport="{links[0]["transport"]}"' in text
+
+
+def _wait_counter(url: str, name: str, at_least: float, timeout: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout
+    while (value := scrape(url, name)) < at_least:
+        assert time.monotonic() < deadline, f"{name} stuck at {value} < {at_least} on {url}"
+        time.sleep(0.5)
+    return value
+
+
+def test_kv_saved_on_one_host_is_loaded_on_another_through_redis(served, kv_dirs):
+    """Host b computes a prompt and saves its chunks (its own disk directory, and the one
+    Redis on host a); host c then serves the same prompt loading them from Redis, computing
+    only the tail. Each host's disk tier is its own directory."""
+    chunk = 256
+    prompt = token_prompts(1, (7 * chunk + 50, 7 * chunk + 50), vocab=16000, seed=21)[0]
+    inst = _instances(served)
+    b, c = inst["prefill"]["url"], inst["decode"]["url"]
+    want = complete(b, "tiny", prompt, MAX_TOKENS, stream=False)
+    _wait_counter(b, "vllm:disagg_store_saved_chunks", 7)
+    time.sleep(1)  # the write-through to Redis runs behind the CPU tier
+    computed = scrape(c, "vllm:prompt_tokens_by_source", source="local_compute")
+    r = httpx.post(c + "/v1/completions", timeout=120, headers=engine_headers(), json={
+        "model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+        "ignore_eos": True, "return_token_ids": True})
+    assert r.json()["choices"][0]["token_ids"] == want
+    assert _wait_counter(c, "vllm:disagg_store_redis_load_hits", 7) >= 7
+    assert scrape(c, "vllm:prompt_tokens_by_source", source="local_compute") - computed <= 50
+    assert list((kv_dirs / "b").iterdir()), "host b saved nothing to its own disk tier"
+    assert sorted(p.name for p in kv_dirs.iterdir()) == ["b", "c"]

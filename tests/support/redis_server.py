@@ -15,6 +15,8 @@ Options, combinable:
                                    rediss://...?ssl_ca_certs=<dir>/ca.crt
     tls_client_auth=True           also require a client certificate (mutual TLS): the URL
                                    adds ssl_certfile and ssl_keyfile
+    host="10.87.0.11", wrap=h.argv binds that address, started through ``wrap`` (e.g. in a
+                                   simulated host's namespace: tests/support/hosts.py)
 
 Settings go to a ``redis.conf`` (mode 0600) in the directory, not to argv, so a password is
 not visible in ``ps``. Needs ``redis-server`` on PATH (scripts/setup.sh installs Debian's
@@ -31,7 +33,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -63,8 +65,9 @@ def local_redis(port: int | None = None, maxmemory_bytes: int | None = None,
 @contextlib.contextmanager
 def redis_server(port: int | None = None, maxmemory_bytes: int | None = None,
                  executable: str = "redis-server", *, password: str | None = None,
-                 user: str | None = None, tls: bool = False,
-                 tls_client_auth: bool = False) -> Iterator[RedisServer]:
+                 user: str | None = None, tls: bool = False, tls_client_auth: bool = False,
+                 host: str = "127.0.0.1",
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> Iterator[RedisServer]:
     """``local_redis``, yielding the running ``RedisServer``."""
     binary = shutil.which(executable)
     if binary is None:
@@ -73,7 +76,7 @@ def redis_server(port: int | None = None, maxmemory_bytes: int | None = None,
         raise ValueError("an ACL user needs a password")
     with tempfile.TemporaryDirectory(prefix="disagg-redis-") as tmp:
         server = RedisServer(binary, Path(tmp), maxmemory_bytes, password, user, tls,
-                             tls_client_auth)
+                             tls_client_auth, host, wrap)
         server.start(port)
         try:
             yield server
@@ -85,8 +88,9 @@ class RedisServer:
     """One redis-server process at a time on a port that stays the same once chosen."""
 
     def __init__(self, binary: str, tmp: Path, maxmemory: int | None, password: str | None,
-                 user: str | None, tls: bool, tls_client_auth: bool) -> None:
-        self.binary, self.dir = binary, tmp
+                 user: str | None, tls: bool, tls_client_auth: bool, host: str = "127.0.0.1",
+                 wrap: Callable[[list[str]], list[str]] | None = None) -> None:
+        self.binary, self.dir, self.host, self.wrap = binary, tmp, host, wrap
         self.maxmemory, self.password, self.user = maxmemory, password, user
         self.tls, self.tls_client_auth = tls or tls_client_auth, tls_client_auth
         self.port: int | None = None
@@ -101,7 +105,7 @@ class RedisServer:
         if self.password is not None:
             auth = f"{quote(self.user or '', safe='')}:{quote(self.password, safe='')}@"
         scheme = "rediss" if self.tls else "redis"
-        url = f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+        url = f"{scheme}://{auth}{self.host}:{self.port}/0"
         if self.certs is not None:
             url += f"?ssl_ca_certs={self.certs['ca']}"
             if self.tls_client_auth:
@@ -152,7 +156,7 @@ class RedisServer:
         return redis.Redis.from_url(self.url, **kwargs)
 
     def _config(self, port: int) -> str:
-        lines = ["bind 127.0.0.1", f"dir {self.dir}", 'save ""', "appendonly no",
+        lines = [f"bind {self.host}", f"dir {self.dir}", 'save ""', "appendonly no",
                  "daemonize no", f"logfile {self.dir / 'redis.log'}"]
         if self.certs is not None:
             lines += ["port 0", f"tls-port {port}", f"tls-cert-file {self.certs['cert']}",
@@ -177,7 +181,8 @@ class RedisServer:
         with os.fdopen(fd, "w") as f:
             f.write(self._config(port))
         (self.dir / "redis.log").unlink(missing_ok=True)  # a restart's log only
-        return subprocess.Popen([self.binary, str(conf)], stdin=subprocess.DEVNULL,
+        argv = [self.binary, str(conf)]
+        return subprocess.Popen(self.wrap(argv) if self.wrap else argv, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def _wait_ready(self) -> None:

@@ -78,7 +78,8 @@ class ConnectorScheduler:
             self._lookup = LookupClient(engine_id, st.lookup_timeout_s)
             self.chunk_tokens = chunk_tokens_for(block_size, st.chunk_tokens)
             self._medium = saved_medium(engine_id, config.side_channel_host,
-                                        disk=bool(st.disk_dir), redis=bool(st.redis_url))
+                                        disk=bool(st.disk_dir), redis=bool(st.redis_url),
+                                        disk_shared=st.disk_shared)
         self._store_hits: dict[str, int] = {}  # request id -> leading chunks in the store
         self._events: list = []  # vLLM KV events reporting our saves (``take_events``)
 
