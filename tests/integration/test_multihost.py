@@ -8,10 +8,12 @@ the links' byte counters; greedy outputs are token-identical to a plain vLLM.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +195,100 @@ def test_kv_saved_on_one_host_is_loaded_on_another_through_redis(served, kv_dirs
     assert scrape(c, "vllm:prompt_tokens_by_source", source="local_compute") - computed <= 50
     assert list((kv_dirs / "b").iterdir()), "host b saved nothing to its own disk tier"
     assert sorted(p.name for p in kv_dirs.iterdir()) == ["b", "c"]
+
+
+class _Load:
+    """Client threads sending greedy completions (streamed and not) through the gateway
+    until stopped; every answer is checked against ``expected``."""
+
+    def __init__(self, url: str, prompts: list[list[int]], expected: list[list[int]],
+                 clients: int = 3):
+        self.url, self.prompts, self.expected = url, prompts, expected
+        self.outcomes: dict[str, int] = {}
+        self.examples: dict[str, str] = {}
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(clients)]
+
+    def __enter__(self) -> _Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(120)
+
+    def _run(self, index: int) -> None:
+        i = index
+        while not self.stop.is_set():
+            k = i % len(self.prompts)
+            outcome, detail = self._one(k, stream=i % 2 == 0)
+            with self._lock:
+                self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+                self.examples.setdefault(outcome, detail)
+            i += len(self._threads)
+
+    def _one(self, k: int, stream: bool) -> tuple[str, str]:
+        body = {"model": "tiny", "prompt": self.prompts[k], "max_tokens": MAX_TOKENS,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+                "stream": stream}
+        try:
+            r = httpx.post(self.url + "/v1/completions", json=body, timeout=60)
+        except httpx.TimeoutException:
+            return "hung", f"prompt {k} stream={stream}"
+        except httpx.HTTPError as exc:
+            return "lost", f"{type(exc).__name__}: {exc}"
+        if r.status_code != 200:
+            return "lost", f"HTTP {r.status_code}: {r.text[:200]}"
+        if not stream:
+            ids = r.json()["choices"][0]["token_ids"]
+        else:
+            events = [e[6:] for e in r.text.split("\n\n") if e.startswith("data: {")]
+            if any('"error"' in e for e in events):  # a stream whose decoder was cut off
+                return "stream_error", events[-1][:200]
+            ids = [t for e in events for c in json.loads(e)["choices"]
+                   for t in c.get("token_ids") or []]
+        return ("ok", "") if ids == self.expected[k] else ("wrong", f"prompt {k}")
+
+
+def _decoder_healthy(url: str) -> bool:
+    return bool(_instances(url)["decode"]["healthy"])
+
+
+def _wait(check, timeout_s: float) -> float:
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout_s
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def test_a_host_cut_off_mid_run_loses_no_request_and_rejoins(hosts, served, reference):
+    """Under load, host c (the only decoder) loses its link for a while: the gateway drops
+    it within seconds and the prefill host serves whole requests meanwhile; requests waiting
+    on c are retried there, and only a stream already being decoded on c may end, with an
+    error event. When the link returns, c rejoins routing. Nothing is lost or hangs."""
+    prompts, expected = reference
+    with _Load(served, prompts, expected) as load:
+        time.sleep(5)
+        hosts["c"].cut()
+        try:
+            dropped_after = _wait(lambda: not _decoder_healthy(served), 15)
+            time.sleep(6)  # degraded serving, well inside Ray's node-death timeout
+        finally:
+            hosts["c"].restore()
+        rejoined_after = _wait(lambda: _decoder_healthy(served), 60)
+        routed = scrape(served, "disagg_instance_requests", role="decode", instance="decode-0")
+        time.sleep(6)
+        assert scrape(served, "disagg_instance_requests", role="decode", instance="decode-0") > routed
+    got = load.outcomes
+    assert dropped_after < 10
+    assert got.get("lost", 0) == got.get("hung", 0) == got.get("wrong", 0) == 0, (
+        got, load.examples)
+    assert got.get("stream_error", 0) <= 3, got  # at most one stream per client was on c
+    assert got.get("ok", 0) >= 10, got
+    print(f"host cut: dropped after {dropped_after:.1f} s, rejoined {rejoined_after:.1f} s "
+          f"after the link returned; outcomes {got}")
