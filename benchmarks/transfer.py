@@ -19,11 +19,16 @@ Writes its table into benchmarks/RESULTS.md and prints, last,
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import multiprocessing as mp
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
+from multiprocessing import spawn as mp_spawn
 from pathlib import Path
 
 import numpy as np
@@ -68,10 +73,41 @@ def _raw_agent(name: str, nbytes: int):
     return agent, buf
 
 
-def holder(conn, num_blocks: int, raw_bytes: int) -> None:
+_WRAPPERS: dict[str, Path] = {}
+
+
+def _python_for(netns: str) -> Path:
+    """A python that runs in network namespace ``netns`` (``ip netns exec``: its own view of
+    the interfaces, which UCX reads from /sys) with UCX on TCP, as between real hosts; kept
+    until this process exits (a child may exec it after ``start`` returns)."""
+    if netns not in _WRAPPERS:
+        folder = Path(tempfile.mkdtemp(prefix="disagg-py-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        wrapper = folder / "python"
+        wrapper.write_text(f'#!/bin/sh\nUCX_TLS=tcp,self exec ip netns exec {netns} '
+                           f'{sys.executable} "$@"\n')
+        wrapper.chmod(0o700)
+        _WRAPPERS[netns] = wrapper
+    return _WRAPPERS[netns]
+
+
+@contextlib.contextmanager
+def python_in(netns: str | None):
+    """Processes spawned inside the block run in ``netns`` (None: here)."""
+    if netns is None:
+        yield
+        return
+    mp_spawn.set_executable(str(_python_for(netns)))
+    try:
+        yield
+    finally:
+        mp_spawn.set_executable(sys.executable)
+
+
+def holder(conn, num_blocks: int, raw_bytes: int, host: str = "127.0.0.1") -> None:
     """The prefill side: serve KV and a raw region; step like an engine until told to stop."""
     caches = _caches(num_blocks, fill=True)
-    config = ConnectorConfig(transfer=TransferConfig(lease_s=600))
+    config = ConnectorConfig(transfer=TransferConfig(lease_s=600), side_channel_host=host)
     worker = ConnectorWorker(config, "holder", 0, _compat(num_blocks),
                              channel_key=b"disagg benchmark side-channel key")  # shared test key
     worker.register({f"layer.{i}": t for i, t in enumerate(caches)}, num_blocks)
@@ -102,32 +138,56 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(tokens: int, repeats: int) -> dict[str, float]:
+def measure(tokens: int, repeats: int, netns: tuple[str, str] | None = None,
+            holder_ip: str = "127.0.0.1") -> dict[str, float]:
+    """One prompt length, three ways. ``netns``: (holder's, reader's) network namespaces,
+    the holder serving on ``holder_ip`` (KV then crosses the link between them)."""
     blocks = -(-tokens // BLOCK)
     num_blocks = blocks * 2 + 8
     nbytes = blocks * LAYERS * KV_HEADS * BLOCK * 2 * HEAD_DIM * DTYPE.itemsize
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=holder, args=(there, num_blocks, nbytes), daemon=True)
-    proc.start()
+    proc = ctx.Process(target=holder, args=(there, num_blocks, nbytes, holder_ip), daemon=True)
+    with python_in(netns[0] if netns else None):
+        proc.start()
     try:
         port, raw_meta, raw_addr = here.recv()
-        return {
-            "tokens": tokens,
-            "bytes": nbytes,
-            **_run_reader(here, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeats),
-        }
+        args = (port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeats, holder_ip)
+        if netns is None:
+            result = _run_reader(here, *args)
+        else:  # the reader in its own namespace too; it relays the holder's messages
+            back, far = ctx.Pipe()
+            reader = ctx.Process(target=_reader_in, args=(far, args), daemon=True)
+            with python_in(netns[1]):
+                reader.start()
+            result = _relay(back, here)
+            reader.join(30)
+        return {"tokens": tokens, "bytes": nbytes, **result}
     finally:
         here.send("stop")
         proc.join(10)
 
 
-def _run_reader(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeats):
+def _reader_in(conn, args: tuple) -> None:
+    conn.send(("result", _run_reader(conn, *args)))
+
+
+def _relay(reader, holder) -> dict:
+    """Pass the reader's request ids on to the holder until the reader's result comes."""
+    while True:
+        msg = reader.recv()
+        if isinstance(msg, tuple) and msg[0] == "result":
+            return msg[1]
+        holder.send(msg)
+
+
+def _run_reader(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeats,
+                holder_ip="127.0.0.1"):
     caches = _caches(num_blocks, fill=False)
     reader = ConnectorWorker(ConnectorConfig(), "reader", 0, _compat(num_blocks),
                              channel_key=b"disagg benchmark side-channel key")  # shared test key
     reader.register({f"layer.{i}": t for i, t in enumerate(caches)}, num_blocks)
-    peer = PeerAddress("holder", "127.0.0.1", port)
+    peer = PeerAddress("holder", holder_ip, port)
     counter = iter(range(10**9))
 
     def ours() -> None:
