@@ -295,6 +295,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         whole = wait_whole(dep, timeout_s=600)
         injector.remember_pids()
         leaked, waited = leaked_blocks(dep, wait_s=90)
+        # The gateway's per-instance in-flight counts (load-aware routing and stall
+        # detection read them) are back at zero: no request left one behind.
+        inflight = dep.gateway.call(
+            lambda: sum(m.candidate.inflight for m in dep.gateway.pool.members.values()))
         use = tier_use(disk, redis)
     time.sleep(5)
     left = (engine_processes() - before) | {p for p in injector.log.pids if psutil.pid_exists(p)
@@ -303,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for (_, outcome), n in load.outcomes.items():
         counts[outcome] += n
     return {"load": load, "faults": injector.log, "counts": counts, "whole": whole,
-            "leaked": leaked, "waited": waited, "use": use, "caps": caps,
+            "leaked": leaked, "waited": waited, "use": use, "caps": caps, "inflight": inflight,
             "left": sorted(left), "injector_error": injector.error}
 
 
@@ -322,6 +326,7 @@ def main() -> None:
     within = all(r["use"][t] <= caps[f"{t}_gib"] * 2**30 for t in ("disk", "redis"))
     extra = {"back to whole": r["whole"], "KV back at baseline after (s)": f"{r['waited']:.0f}",
              "tier bytes": r["use"], "tiers within caps": within,
+             "gateway in-flight counts left": r["inflight"],
              "engine processes left": len(r["left"])}
     table = render(r["load"], r["faults"], args, extra)
     print(table)
@@ -334,7 +339,8 @@ def main() -> None:
         print(f"soak: the fault injector failed: {r['injector_error']!r}")
     n = sum(c.values())
     nfaults = sum(r["faults"].counts.values())
-    ok = (c["lost"] == c["hung"] == c["wrong"] == r["leaked"] == 0 and r["whole"] and within
+    ok = (c["lost"] == c["hung"] == c["wrong"] == r["leaked"] == r["inflight"] == 0
+          and r["whole"] and within
           and not r["left"] and r["injector_error"] is None and nfaults > 0)
     print(f"soak: requests={n} faults={nfaults} lost={c['lost']} hung={c['hung']} "
           f"wrong={c['wrong']} leaked_blocks={r['leaked']}", flush=True)

@@ -469,6 +469,9 @@ class Gateway:
             try:
                 answer = await member.while_up(open_answer(
                     self._client, member.info.url + path, dbody, info.request_id, stream))
+            except asyncio.CancelledError:  # the client left, or the deadline passed
+                inflight.release()
+                raise
             except Exception as exc:  # noqa: BLE001  # nothing sent to the client yet: retry
                 inflight.release()
                 logger.warning("request %s: decode on %s (%s) failed before answering: %s",

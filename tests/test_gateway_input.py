@@ -382,6 +382,22 @@ def test_a_client_gone_mid_stream_aborts_the_decoder_at_once(tiny_model):
         left = time.monotonic()
         wait_for(lambda: s.decode.aborted == 1, timeout_s=1.0)
         assert time.monotonic() - left < 1.0
+        wait_for(lambda: s.gateway.pool.members["decode-0"].candidate.inflight == 0)
+
+
+def test_a_client_gone_before_the_decoders_answer_leaves_no_load_behind(tiny_model):
+    """The client leaves while the decoder has not answered yet: the decode is cancelled,
+    and the instance's in-flight count (what load-aware routing and stall detection read)
+    goes back to zero, for every instance."""
+    hold = threading.Event()
+    with stack(tiny_model, max_inflight=4) as s:
+        s.decode.hold = hold
+        with httpx.Client(timeout=0.5) as impatient, pytest.raises(httpx.ReadTimeout):
+            impatient.post(s.url + "/v1/completions", json=body_for("/v1/completions"))
+        wait_for(lambda: s.decode.aborted == 1, timeout_s=2.0)
+        hold.set()
+        members = s.gateway.pool.members.values()
+        wait_for(lambda: all(m.candidate.inflight == 0 for m in members), timeout_s=2.0)
 
 
 def wait_for(cond: Any, timeout_s: float = 10.0) -> None:

@@ -1,7 +1,8 @@
 """One topology on a Ray cluster of three simulated hosts (network namespaces on a private
 subnet; ``tests/support/hosts.py``): the gateway on host a (the Ray head, where
 ``disagg serve`` runs as a cluster driver), prefill on b, decode on c, each placed by node
-label. Every engine advertises and binds its own host's address; KV moves from b to c over
+label, submitted with ``ray job submit`` from host c. Every engine advertises and binds its
+own host's address; KV moves from b to c over
 NIXL/UCX across their links (``UCX_TLS=tcp,self``, as between real machines), shown by
 the links' byte counters; greedy outputs are token-identical to a plain vLLM.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -53,7 +54,7 @@ def hosts() -> Iterator[HostCluster]:
                         pytrace=False)
         pytest.skip(reason)
     try:
-        with HostCluster(["a", "b", "c"], num_cpus=2) as cluster:
+        with HostCluster(["a", "b", "c"], num_cpus=2, dashboard=True) as cluster:
             yield cluster
     except HostsUnavailable as exc:
         pytest.skip(str(exc))
@@ -85,45 +86,46 @@ def kv_dirs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(hosts, tiny_model, tmp_path_factory, redis_on_a, kv_dirs) -> Iterator[str]:
-    """``disagg serve`` on host a, joined to the cluster; the gateway's URL."""
+    """``disagg serve`` submitted with ``ray job submit`` from host c (not the head): its
+    driver, and so the gateway, runs on host a. The gateway's URL."""
     topo = {"model": "tiny", "engine": ENGINE,
             "prefill": {"replicas": 1, "placement": {"labels": {"host": "b"}}},
             "decode": {"replicas": 1, "placement": {"labels": {"host": "c"}}},
             "scheduler": {"min_remote_prefill_tokens": 0},
             "store": {"redis_url": redis_on_a, "disk_path": f"{kv_dirs}/{{host}}"},
             "api": {"host": hosts.head.ip, "port": GATEWAY_PORT}}
-    folder = tmp_path_factory.mktemp("multihost")
-    path = folder / "topo.yaml"
-    path.write_text(yaml.safe_dump(topo))
-    log = (folder / "serve.log").open("wb")
-    proc = hosts.head.popen([sys.executable, "-m", "disagg.launch.cli", "serve", str(path)],
-                            env=hosts.ray_env(), stdout=log, stderr=subprocess.STDOUT)
+    job_dir = tmp_path_factory.mktemp("multihost")
+    (job_dir / "topo.yaml").write_text(yaml.safe_dump(topo))
+    ray = str(Path(sys.executable).with_name("ray"))
+    address = ["--address", hosts.dashboard_url]
+    submit = hosts["c"].run([ray, "job", "submit", *address, "--no-wait", "--working-dir",
+                             str(job_dir), "--", "disagg", "serve", "topo.yaml"],
+                            env=hosts.env, timeout=300)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+
+    def job_log() -> str:
+        return hosts["c"].run([ray, "job", "logs", *address, job], env=hosts.env).stdout
+
     url = f"http://{hosts.head.ip}:{GATEWAY_PORT}"
     try:
-        _wait_healthy(url, proc, folder / "serve.log")
+        _wait_healthy(url, job_log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        hosts["c"].run([ray, "job", "stop", *address, job], env=hosts.env)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 900) -> None:
+def _wait_healthy(url: str, log, timeout_s: float = 900) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"disagg serve exited {proc.returncode}:\n"
-                                 f"{log.read_text()[-4000:]}")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(2)
+        text = log()
+        assert "Traceback" not in text and time.monotonic() < deadline, text[-4000:]
+        time.sleep(3)
 
 
 def _instances(url: str) -> dict[str, dict]:
@@ -292,3 +294,28 @@ def test_a_host_cut_off_mid_run_loses_no_request_and_rejoins(hosts, served, refe
     assert got.get("ok", 0) >= 10, got
     print(f"host cut: dropped after {dropped_after:.1f} s, rejoined {rejoined_after:.1f} s "
           f"after the link returned; outcomes {got}")
+
+
+def test_a_host_whose_ray_node_dies_is_replaced_once_it_can_be(hosts, served, reference):
+    """SIGKILL host c's raylet: Ray loses the node and what ran there; the gateway drops the
+    decoder within seconds and the prefill host serves meanwhile. The decode pool may only
+    run on c (its placement), so its replacement waits until resources allow: once c's Ray
+    node is back, Ray restarts the actor there, and the gateway routes to its new engine."""
+    prompts, expected = reference
+    old = _instances(served)["decode"]["engine_id"]
+    hosts.kill_raylet("c")
+    dropped_after = _wait(lambda: not _decoder_healthy(served), 30)
+    assert complete(served, "tiny", prompts[0], MAX_TOKENS, stream=True) == expected[0]
+    _wait(lambda: hosts["c"].ip not in (hosts.alive_ips() or {hosts["c"].ip}), 120)
+    hosts.start_node("c")
+
+    def replaced() -> bool:
+        dec = _instances(served)["decode"]
+        return dec["healthy"] and dec["engine_id"] != old
+
+    back_after = _wait(replaced, 600)
+    assert _instances(served)["decode"]["url"].startswith(f"http://{hosts['c'].ip}:")
+    got = [complete(served, "tiny", p, MAX_TOKENS, stream=False) for p in prompts[:3]]
+    assert got == expected[:3]
+    print(f"raylet killed: decoder dropped after {dropped_after:.1f} s, replaced "
+          f"{back_after:.0f} s after its node came back")

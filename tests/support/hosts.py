@@ -37,10 +37,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 SUBNET = "10.87.0"
 BRIDGE = "dgbr0"
 GATEWAY_IP = f"{SUBNET}.1"  # the root namespace's address on the bridge
 RAY_PORT = 6390
+DASHBOARD_PORT = 8265
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
 
 
@@ -126,14 +129,22 @@ class HostCluster:
     ``num_cpus`` logical CPUs and the label ``host=<name>``."""
 
     def __init__(self, names: Sequence[str], num_cpus: float = 2,
-                 env: dict[str, str] | None = None, start_ray: bool = True):
+                 env: dict[str, str] | None = None, start_ray: bool = True,
+                 dashboard: bool = False):
+        """``dashboard``: the head also serves Ray's dashboard (job submission) on its
+        address, port DASHBOARD_PORT."""
         if not 1 <= len(names) <= 20:
             raise ValueError("between 1 and 20 hosts")
         self.hosts = [Host(n, f"{SUBNET}.{11 + i}", {"host": n}) for i, n in enumerate(names)]
-        self.num_cpus, self.start_ray = num_cpus, start_ray
-        self.env = {**os.environ, "UCX_TLS": "tcp,self", "RAY_AUTH_MODE": "token",
-                    "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
-        self._ray: list[subprocess.Popen] = []
+        self.num_cpus, self.start_ray, self.dashboard = num_cpus, start_ray, dashboard
+        path = f"{Path(RAY_BIN).parent}:{os.environ.get('PATH', '')}"  # ray, disagg
+        # A dead node is declared after 3 missed health checks 1 s apart (a killed raylet:
+        # seconds); a cut link still takes 3 check timeouts (10 s each) to declare.
+        self.env = {**os.environ, "PATH": path, "UCX_TLS": "tcp,self",
+                    "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_health_check_period_ms": "1000",
+                    "RAY_health_check_failure_threshold": "3", **(env or {})}
+        self._ray: dict[str, subprocess.Popen] = {}  # host -> its `ray start --block`
         self.log_dir = Path(tempfile.mkdtemp(prefix="disagg-hosts-"))
 
     def __getitem__(self, name: str) -> Host:
@@ -149,6 +160,10 @@ class HostCluster:
     @property
     def address(self) -> str:
         return f"{self.head.ip}:{RAY_PORT}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.head.ip}:{DASHBOARD_PORT}"
 
     def ray_env(self, **extra: str) -> dict[str, str]:
         """The environment of a process that joins this cluster (a driver on a host)."""
@@ -187,45 +202,62 @@ class HostCluster:
             _ip("-n", h.ns, "link", "set", "lo", "up")
 
     def _start_ray(self, timeout_s: float = 120) -> None:
+        for h in self.hosts:
+            self.start_node(h.name, timeout_s)
+
+    def start_node(self, name: str, timeout_s: float = 120) -> None:
+        """Start host ``name``'s Ray node (the head first) and wait until it has joined.
+        One node at a time: nodes on one machine share Ray's session folder, and two
+        raylets starting at once can pick the same socket names there."""
+        h = self[name]
         common = ["--block", "--num-cpus", str(self.num_cpus), "--disable-usage-stats",
                   "--object-store-memory", str(256 << 20)]
-        for h in self.hosts:
-            labels = ",".join(f"{k}={v}" for k, v in h.labels.items())
-            role = ["--head", "--port", str(RAY_PORT), "--include-dashboard=false"] \
-                if h is self.head else ["--address", self.address]
-            with (self.log_dir / f"ray-{h.name}.log").open("wb") as log:
-                self._ray.append(h.popen(
-                    [RAY_BIN, "start", *role, "--node-ip-address", h.ip, "--labels", labels,
-                     *common], env=self.env, stdout=log, stderr=subprocess.STDOUT))
-            # One node at a time: nodes on one machine share Ray's session folder, and two
-            # raylets starting at once can pick the same socket names there.
-            self._wait_nodes(len(self._ray), timeout_s)
+        labels = ",".join(f"{k}={v}" for k, v in h.labels.items())
+        dash = ["--include-dashboard=true", "--dashboard-host", h.ip,
+                "--dashboard-port", str(DASHBOARD_PORT)] if self.dashboard else \
+            ["--include-dashboard=false"]
+        role = ["--head", "--port", str(RAY_PORT), *dash] \
+            if h is self.head else ["--address", self.address]
+        with (self.log_dir / f"ray-{h.name}.log").open("ab") as log:
+            self._ray[name] = h.popen(
+                [RAY_BIN, "start", *role, "--node-ip-address", h.ip, "--labels", labels,
+                 *common], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self._wait_alive(h, timeout_s)
 
-    def alive_nodes(self) -> int:
-        """Ray nodes alive, as the head's GCS reports them (-1 if it cannot be asked)."""
-        code = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
+    def kill_raylet(self, name: str) -> None:
+        """SIGKILL host ``name``'s raylet (the node dies; what it ran is left to Ray)."""
+        for pid in self[name].pids():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if psutil.Process(pid).name() == "raylet":
+                    os.kill(pid, signal.SIGKILL)
+
+    def alive_ips(self) -> set[str] | None:
+        """Addresses of the Ray nodes alive, as the head's GCS reports them (None if it
+        cannot be asked)."""
+        code = ("import ray; ray.init(); "
+                "print(*[n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']])")
         out = self.head.run([sys.executable, "-c", code], timeout=60, env=self.ray_env())
-        try:
-            return int(out.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            return -1
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        return set(out.stdout.strip().splitlines()[-1].split())
 
-    def _wait_nodes(self, n: int, timeout_s: float) -> None:
+    def _wait_alive(self, host: Host, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while self.alive_nodes() < n:
-            dead = [h.name for h, p in zip(self.hosts, self._ray, strict=False) if p.poll() is not None]
+        while host.ip not in (self.alive_ips() or set()):
+            dead = [name for name, p in self._ray.items() if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 tails = "\n".join(f"--- {name}:\n" + (self.log_dir / f"ray-{name}.log")
                                   .read_text(errors="replace")[-2000:] for name in dead)
-                raise RuntimeError(f"the Ray cluster did not reach {n} nodes (ray start "
+                raise RuntimeError(f"host {host.name}'s Ray node did not join (ray start "
                                    f"exited on {dead or 'none'})\n{tails}")
             time.sleep(1)
 
     def close(self) -> None:
         for h in self.hosts:
             h.kill_all()
-        for p in self._ray:
-            p.wait(10)
+        for p in self._ray.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
         self._ray.clear()
         teardown_layout()
 
