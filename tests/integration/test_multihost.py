@@ -98,8 +98,11 @@ def served(hosts, tiny_model, tmp_path_factory, redis_on_a, kv_dirs) -> Iterator
     (job_dir / "topo.yaml").write_text(yaml.safe_dump(topo))
     ray = str(Path(sys.executable).with_name("ray"))
     address = ["--address", hosts.dashboard_url]
-    submit = hosts["c"].run([ray, "job", "submit", *address, "--no-wait", "--working-dir",
-                             str(job_dir), "--", "disagg", "serve", "topo.yaml"],
+    # The topology by absolute path, not --working-dir: the hosts share one machine's Ray
+    # session folder, where another node's runtime-env agent may clean up the unpacked
+    # working dir under the job (real machines each have their own).
+    submit = hosts["c"].run([ray, "job", "submit", *address, "--no-wait", "--",
+                             "disagg", "serve", str(job_dir / "topo.yaml")],
                             env=hosts.env, timeout=300)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -140,8 +141,12 @@ class HostCluster:
         path = f"{Path(RAY_BIN).parent}:{os.environ.get('PATH', '')}"  # ray, disagg
         # A dead node is declared after 3 missed health checks 1 s apart (a killed raylet:
         # seconds); a cut link still takes 3 check timeouts (10 s each) to declare.
+        # Token auth stays on, with a token of the cluster's own that reaches every node,
+        # driver and job client through the environment (not ~/.ray, not argv).
+        token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
         self.env = {**os.environ, "PATH": path, "UCX_TLS": "tcp,self",
-                    "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                    "RAY_USAGE_STATS_ENABLED": "0",
                     "RAY_health_check_period_ms": "1000",
                     "RAY_health_check_failure_threshold": "3", **(env or {})}
         self._ray: dict[str, subprocess.Popen] = {}  # host -> its `ray start --block`
