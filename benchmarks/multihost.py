@@ -10,7 +10,8 @@ cluster, ``tests/support/hosts.py``), KV over the links between them.
    (``placement: {labels: {host: "in(...)"}, strategy: SPREAD}``), the gateway on a (this
    script re-runs itself there as the cluster's driver). doc-analysis through one same-host
    pair (prefill and decoder on one host), then one cross-host pair (the other instances
-   drained), then everything while host c is cut off mid-run and comes back.
+   drained), then everything while host c is cut off mid-run and comes back, then while
+   host c's Ray node is killed (its decoder is replaced on host b).
 
 Writes its tables into benchmarks/RESULTS.md and prints, last,
 ``multihost: hosts=3 requests=<n> lost=<n> kv_bytes_over_network=<bytes> cross_host_gbps=<x>
@@ -35,8 +36,12 @@ from benchmarks.results_md import update_results_md
 from benchmarks.transfer import measure
 
 CUT_MARK = "multihost-inner: cut now"
+KILL_MARK = "multihost-inner: kill host c's raylet now"
 RESULT_MARK = "multihost-inner-result: "
-ALLOWED = "broke off"  # the error event of a stream whose decoder went down mid-way
+# The error events of a stream whose decoder went down mid-way: ours (the connection broke
+# or the instance was marked down) or vLLM's own (its engine core died under it). Before
+# the first token neither reaches the client: the gateway retries elsewhere.
+ALLOWED = ("broke off", "EngineCore encountered an issue")
 
 
 def _topology(gateway_ip: str) -> dict[str, Any]:
@@ -63,6 +68,7 @@ def inner(args: argparse.Namespace) -> None:
         where = {m.key: urlsplit(m.info.url).hostname for m in dep.gateway.pool.members.values()}
         pairs = _pairs(dep, where)
         out: dict[str, Any] = {"placement": where, "phases": {}}
+
         def workload(seed: int) -> Any:  # fresh documents per phase: no earlier cache hits
             doc = replace(DOC_DEFAULTS["doc-analysis"], seed=seed)
             return build_workload("doc-analysis", tok, doc=doc, num_requests=args.requests)
@@ -76,7 +82,32 @@ def inner(args: argparse.Namespace) -> None:
         timer.start()
         out["phases"]["host c cut mid-run"] = _phase(dep, wl, None, None)
         timer.cancel()
+        # Host c's Ray node dies: its decoder's actor is restarted where its placement and
+        # the free CPUs allow (host b), and the gateway follows it there.
+        old = {k: dep.gateway.pool.members[k].info.engine_id
+               for k, ip in where.items() if ip == args.victim_ip}
+        killed = time.monotonic() + args.cut_after
+        timer = threading.Timer(args.cut_after, lambda: print(KILL_MARK, flush=True))
+        timer.start()
+        out["phases"]["host c's Ray node killed mid-run"] = _phase(
+            dep, workload(len(pairs) + 1), None, None)
+        timer.cancel()
+        out["replaced"] = _wait_replaced(dep, old, killed)
     print(RESULT_MARK + json.dumps(out), flush=True)
+
+
+def _wait_replaced(dep: Any, old: dict[str, str], since: float,
+                   timeout_s: float = 600) -> dict[str, Any]:
+    """Where each instance of ``old`` (key -> engine id) serves again, and after how long."""
+    deadline, out = time.monotonic() + timeout_s, {}
+    while len(out) < len(old) and time.monotonic() < deadline:
+        for key, engine in old.items():
+            m = dep.gateway.pool.members[key]
+            if key not in out and m.healthy and m.info.engine_id != engine:
+                out[key] = {"host": urlsplit(m.info.url).hostname,
+                            "after_s": round(time.monotonic() - since, 1)}
+        time.sleep(0.5)
+    return out
 
 
 def _pairs(dep: Any, where: dict[str, str]) -> dict[str, tuple[str, str]]:
@@ -111,11 +142,15 @@ def _phase(dep: Any, wl: Any, prefill: str | None, decode: str | None) -> dict[s
     return {"pair": [prefill, decode], "requests": len(r.requests),
             "ttft_p50_ms": r.ttft_ms.p50, "ttft_mean_ms": r.ttft_ms.mean,
             "itl_p50_ms": r.itl_ms.p50,
-            "lost": sum(ALLOWED not in e for e in failed),
-            "stream_cut": sum(ALLOWED in e for e in failed),
-            "failures": failed[:3],
+            "lost": sum(not _allowed(e) for e in failed),
+            "stream_cut": sum(_allowed(e) for e in failed),
+            "failures": [e for e in failed if not _allowed(e)][:3],
             "links": [{"decode": d, "peer": p, "transport": t, **v}
                       for (d, p, t), v in moved.items() if v.get("bytes") or v.get("failures")]}
+
+
+def _allowed(error: str) -> bool:
+    return any(a in error for a in ALLOWED)
 
 
 def _links(dep: Any) -> dict[tuple[str, str, str], dict[str, float]]:
@@ -130,7 +165,8 @@ def _links(dep: Any) -> dict[tuple[str, str, str], dict[str, float]]:
 def outer(args: argparse.Namespace) -> dict[str, Any]:
     from tests.support.hosts import HostCluster
 
-    with HostCluster(["a", "b", "c"], num_cpus=2) as hosts:
+    # 3 CPUs a host: after host c dies, host b has room for c's decoder.
+    with HostCluster(["a", "b", "c"], num_cpus=3) as hosts:
         b, c = hosts["b"], hosts["c"]
         link0 = c.link_bytes()
         link = [measure(t, args.repeats, netns=(b.ns, c.ns), holder_ip=b.ip)
@@ -145,13 +181,16 @@ def outer(args: argparse.Namespace) -> dict[str, Any]:
 def _drive(hosts: Any, args: argparse.Namespace) -> dict[str, Any]:
     argv = [sys.executable, "-m", "benchmarks.multihost", "--inner", "--requests",
             str(args.requests), "--cut-after", str(args.cut_after), "--gateway-ip",
-            hosts.head.ip]
+            hosts.head.ip, "--victim-ip", hosts["c"].ip]
     proc = hosts.head.popen(argv, env=hosts.ray_env(), stdout=subprocess.PIPE, text=True)
     result: dict[str, Any] | None = None
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith(CUT_MARK):
             threading.Thread(target=_cut, args=(hosts["c"], args.cut_for), daemon=True).start()
+        elif line.startswith(KILL_MARK):
+            hosts.kill_raylet("c")
+            print("multihost: host c's raylet killed", flush=True)
         elif line.startswith(RESULT_MARK):
             result = json.loads(line[len(RESULT_MARK):])
         else:
@@ -190,6 +229,12 @@ def render(r: dict[str, Any], command: str) -> str:
               for k in ("ttft_p50_ms", "ttft_mean_ms", "itl_p50_ms")]
         lines.append(f"| {name} | {pair} | {p['requests']} | {' | '.join(ms)} | {p['lost']} | "
                      f"{p['stream_cut']} | {pulls} |")
+    for name, p in r["serving"]["phases"].items():
+        if p["failures"]:
+            lines.append(f"\nLost in {name}: " + "; ".join(p["failures"]))
+    for key, where in r["serving"].get("replaced", {}).items():
+        lines.append(f"\nAfter host c's Ray node was killed, {key} serves again on "
+                     f"{where['host']}, {where['after_s']:.0f} s after the kill.")
     lines += ["", "Bytes through each host's link during serving: " +
               ", ".join(f"{h}: {n / 1e6:.0f} MB" for h, n in r["wire"].items())]
     return "\n".join(lines)
@@ -223,13 +268,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=40, help="doc-analysis requests per phase")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--cut-after", type=float, default=8.0, help="seconds into the last phase")
     ap.add_argument("--cut-for", type=float, default=8.0)
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gateway-ip", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--victim-ip", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner:
         inner(args)

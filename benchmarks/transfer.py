@@ -128,14 +128,18 @@ def holder(conn, num_blocks: int, raw_bytes: int, host: str = "127.0.0.1") -> No
     worker.close()
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: handshake, connection set-up, page faults
-    times = []
+def _median_times(fns: list, repeats: int) -> list[float]:
+    """Median wall time of each of ``fns``, taken in turns (one run of each per round) so
+    that a machine slowing down or speeding up mid-run weighs on all of them alike."""
+    for fn in fns:
+        fn()  # warm-up: handshake, connection set-up, page faults
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def measure(tokens: int, repeats: int, netns: tuple[str, str] | None = None,
@@ -214,9 +218,7 @@ def _run_reader(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repe
 
     src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
     torch.set_num_threads(1)
-    t_ours = _median_time(ours, repeats)
-    t_raw = _median_time(raw, repeats)
-    t_copy = _median_time(lambda: dst.copy_(src), repeats)
+    t_ours, t_raw, t_copy = _median_times([ours, raw, lambda: dst.copy_(src)], repeats)
     # What arrived is byte for byte what the holder has in its first blocks.
     expected = _caches(num_blocks, fill=True)
     assert all(
@@ -258,7 +260,7 @@ def main() -> None:
     body = (
         f"## KV transfer: one request's KV, `small` model, bf16, vLLM CPU layout\n\n"
         f"Machine: {platform.processor() or platform.machine()}, {mp.cpu_count()} cores. "
-        f"Median of {args.repeats} after one warm-up; two processes on one host "
+        f"Median of {args.repeats} (taken in turns) after one warm-up; two processes on one host "
         f"(UCX picks shared memory / CMA).\n\n{table}"
     )
     update_results_md(args.results, "transfer", body)

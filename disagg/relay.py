@@ -56,6 +56,11 @@ async def open_answer(client: httpx.AsyncClient, url: str, body: dict, request_i
             return Answer(resp, content, None, time.perf_counter())
         chunks = resp.aiter_raw()
         first = await anext(chunks)  # StopAsyncIteration: an empty stream is a fault too
+        if first.lstrip().startswith(b'data: {"error"'):
+            # The engine failed before its first token (vLLM streams EngineDeadError as an
+            # error event on a 200): nothing reached the client, so it is the caller's to
+            # retry, as for a 5xx.
+            raise RuntimeError(f"error event before the first token: {first[:200]!r}")
         return Answer(resp, first, chunks, time.perf_counter())
     except BaseException:
         await resp.aclose()

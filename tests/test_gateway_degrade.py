@@ -62,14 +62,17 @@ def test_no_healthy_decoder_means_prefill_instances_serve_whole_requests(tiny_mo
 BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 3}
 
 
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("fault", ["cut_before_first_chunk", "http_500"])
-def test_a_decoder_failing_before_its_answer_begins_is_retried_elsewhere(tiny_model, stream,
-                                                                          fault):
+@pytest.mark.parametrize(("fault", "stream"), [
+    ("cut_before_first_chunk", False), ("cut_before_first_chunk", True),
+    ("http_500", False), ("http_500", True),
+    ("error_event_first", True)])  # vLLM's EngineDeadError event, only streams have it
+def test_a_decoder_failing_before_its_answer_begins_is_retried_elsewhere(tiny_model, fault,
+                                                                          stream):
     """Nothing has reached the client, so the request goes to the next decoder; the one
     that failed is marked down."""
-    bad = EngineBehavior(cut_after=0) if fault == "cut_before_first_chunk" else \
-        EngineBehavior(error=(500, {"error": {"message": "EngineDeadError"}}))
+    bad = {"cut_before_first_chunk": EngineBehavior(cut_after=0),
+           "http_500": EngineBehavior(error=(500, {"error": {"message": "EngineDeadError"}})),
+           "error_event_first": EngineBehavior(error_event_after=0)}[fault]
     good = EngineBehavior()
     with stack(tiny_model, decode=bad, more_decoders=[good]) as s:
         pool = s.gateway.pool

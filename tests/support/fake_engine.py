@@ -41,6 +41,8 @@ class EngineBehavior:
     error: tuple[int, dict[str, Any]] | None = None  # answer this (status, body) instead
     cut_after: int | None = None  # streams die (connection cut) after this many tokens;
     # a whole (non-streamed) answer is cut part-way
+    error_event_after: int | None = None  # streams send vLLM's error event (engine dead)
+    # after this many tokens, and end
     hang_after: int | None = None  # streams stop sending (connection kept open) after this
     # many tokens, as a dying engine can, until the client goes away
     received: list[dict[str, Any]] = field(default_factory=list)  # bodies, in order
@@ -163,6 +165,11 @@ class _Engine:
         for i in range(self._tokens(body)):
             if i == self.b.cut_after:
                 raise ConnectionAbortedError("fake engine cut the stream")
+            if i == self.b.error_event_after:
+                err = {"error": {"message": "EngineCore encountered an issue.",
+                                 "type": "InternalServerError", "param": None, "code": 500}}
+                yield f"data: {json.dumps(err)}\n\n".encode()
+                return
             if i == self.b.hang_after:  # silent until the client goes away
                 while not await request.is_disconnected():
                     await asyncio.sleep(0.01)
