@@ -311,10 +311,15 @@ def test_a_stream_holds_its_slot_to_the_end_and_a_disconnect_releases_it(tiny_mo
             rest = b"".join(chunks)
         assert rest.endswith(b"data: [DONE]\n\n")
         wait_for(lambda: adm.inflight == 0)
-        # a client leaving mid-stream gives the slot back, and the decoder's count too
+        # a client leaving mid-stream gives the slot back, and the decoder's count too (the
+        # decoder goes silent after one token: the stream lasts until the client leaves)
+        s.decode.hang_after = 1
         with httpx.Client(timeout=10) as client, \
                 client.stream("POST", s.url + "/v1/chat/completions", json=body) as resp:
-            next(resp.iter_bytes())
+            # Keep the iterator: a discarded one closes the connection when collected,
+            # which is the client leaving before the check below.
+            chunks = resp.iter_bytes()
+            next(chunks)
             assert adm.inflight == 1
         wait_for(lambda: adm.inflight == 0)
         wait_for(lambda: all(m.candidate.inflight == 0
