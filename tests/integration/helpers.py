@@ -112,3 +112,12 @@ def scrape(url: str, name: str, **labels: str) -> float:
     """Sum of a Prometheus series (``name`` without _total) across matching labels, from a
     gateway or an engine."""
     return total(url, name, headers=engine_headers(), **labels)
+
+
+def wait_counter(url: str, name: str, at_least: float, timeout: float = 30.0) -> float:
+    """vLLM publishes connector counters on its stats tick: poll until one reaches a value."""
+    deadline = time.monotonic() + timeout
+    while (value := scrape(url, name)) < at_least:
+        assert time.monotonic() < deadline, f"{name} stuck at {value} < {at_least} on {url}"
+        time.sleep(0.5)
+    return value

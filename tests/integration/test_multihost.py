@@ -29,6 +29,7 @@ from tests.integration.helpers import (
     plain_vllm,
     scrape,
     token_prompts,
+    wait_counter,
 )
 from tests.support.hosts import HostCluster, HostsUnavailable, unavailable_reason
 from tests.support.redis_server import redis_server
@@ -172,14 +173,6 @@ def test_status_names_the_transport_ucx_chose_per_peer_pair(served):
     assert f'transport="{links[0]["transport"]}"' in text
 
 
-def _wait_counter(url: str, name: str, at_least: float, timeout: float = 30.0) -> float:
-    deadline = time.monotonic() + timeout
-    while (value := scrape(url, name)) < at_least:
-        assert time.monotonic() < deadline, f"{name} stuck at {value} < {at_least} on {url}"
-        time.sleep(0.5)
-    return value
-
-
 def test_kv_saved_on_one_host_is_loaded_on_another_through_redis(served, kv_dirs):
     """Host b computes a prompt and saves its chunks (its own disk directory, and the one
     Redis on host a); host c then serves the same prompt loading them from Redis, computing
@@ -189,14 +182,14 @@ def test_kv_saved_on_one_host_is_loaded_on_another_through_redis(served, kv_dirs
     inst = _instances(served)
     b, c = inst["prefill"]["url"], inst["decode"]["url"]
     want = complete(b, "tiny", prompt, MAX_TOKENS, stream=False)
-    _wait_counter(b, "vllm:disagg_store_saved_chunks", 7)
+    wait_counter(b, "vllm:disagg_store_saved_chunks", 7)
     time.sleep(1)  # the write-through to Redis runs behind the CPU tier
     computed = scrape(c, "vllm:prompt_tokens_by_source", source="local_compute")
     r = httpx.post(c + "/v1/completions", timeout=120, headers=engine_headers(), json={
         "model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
         "ignore_eos": True, "return_token_ids": True})
     assert r.json()["choices"][0]["token_ids"] == want
-    assert _wait_counter(c, "vllm:disagg_store_redis_load_hits", 7) >= 7
+    assert wait_counter(c, "vllm:disagg_store_redis_load_hits", 7) >= 7
     assert scrape(c, "vllm:prompt_tokens_by_source", source="local_compute") - computed <= 50
     assert list((kv_dirs / "b").iterdir()), "host b saved nothing to its own disk tier"
     assert sorted(p.name for p in kv_dirs.iterdir()) == ["b", "c"]

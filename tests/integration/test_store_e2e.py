@@ -14,21 +14,18 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.helpers import complete, engine_headers, scrape, token_prompts
+from tests.integration.helpers import (
+    complete,
+    engine_headers,
+    scrape,
+    token_prompts,
+    wait_counter,
+)
 
 pytestmark = pytest.mark.integration
 
 CHUNK = 256
 ENGINE = {"dtype": "bfloat16", "max_model_len": 4096, "kv_cache_gib": 1, "enforce_eager": True}
-
-
-def _wait_counter(url: str, name: str, at_least: float, timeout: float = 30.0) -> float:
-    """vLLM publishes connector counters on its stats tick: poll until one reaches a value."""
-    deadline = time.monotonic() + timeout
-    while (value := scrape(url, name)) < at_least:
-        assert time.monotonic() < deadline, f"{name} stuck at {value} < {at_least} on {url}"
-        time.sleep(0.5)
-    return value
 
 
 def _sources(url: str) -> dict[str, float]:
@@ -41,12 +38,12 @@ def _reuse_across_instances(dep, tier: str) -> None:
     prompt = token_prompts(1, (7 * CHUNK + 50, 7 * CHUNK + 50), vocab=16000, seed=3)[0]
     x, y = (dep.instances[k].url for k in ("decode-0", "decode-1"))
     want = complete(x, "tiny", prompt, 16, stream=False)  # X computes and saves
-    _wait_counter(x, "vllm:disagg_store_saved_chunks", 7)
+    wait_counter(x, "vllm:disagg_store_saved_chunks", 7)
     time.sleep(1)  # X's write-through to the shared tier runs behind its CPU tier
     _gateway_indexes_the_store(dep, tier, 7 * CHUNK)
     before = _sources(y)
     assert complete(y, "tiny", prompt, 16, stream=False) == want
-    assert _wait_counter(y, "vllm:disagg_store_loaded_tokens", 7 * CHUNK) == 7 * CHUNK
+    assert wait_counter(y, "vllm:disagg_store_loaded_tokens", 7 * CHUNK) == 7 * CHUNK
     after = _sources(y)
     # Y computed only what follows the stored chunks (50 tokens), not the 1,792 stored.
     assert after["local_compute"] - before["local_compute"] <= 50
@@ -74,7 +71,7 @@ def _fallback_when_the_prefill_dies(dep) -> None:
     prompt = token_prompts(1, (5 * CHUNK + 90, 5 * CHUNK + 90), vocab=16000, seed=4)[0]
     p, d = dep.instances["prefill-0"].url, dep.instances["decode-0"].url
     want = complete(p, "tiny", prompt, 16, stream=False)  # reference; P saves chunks
-    _wait_counter(p, "vllm:disagg_store_saved_chunks", 5)
+    wait_counter(p, "vllm:disagg_store_saved_chunks", 5)
     # The prefill hop as the gateway makes it: P keeps the KV for a decoder to pull...
     hop = httpx.post(p + "/v1/completions", timeout=120, headers=engine_headers(), json={
         "model": "tiny", "prompt": prompt, "max_tokens": 1,
@@ -89,9 +86,9 @@ def _fallback_when_the_prefill_dies(dep) -> None:
         "ignore_eos": True, "return_token_ids": True, "kv_transfer_params": params})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["token_ids"] == want
-    assert _wait_counter(d, "vllm:disagg_store_fallbacks", 1) == 1
+    assert wait_counter(d, "vllm:disagg_store_fallbacks", 1) == 1
     assert scrape(d, "vllm:disagg_kv_transfer_failures") >= 1
-    assert _wait_counter(d, "vllm:disagg_store_loaded_tokens", 5 * CHUNK) >= 5 * CHUNK
+    assert wait_counter(d, "vllm:disagg_store_loaded_tokens", 5 * CHUNK) >= 5 * CHUNK
     after = _sources(d)
     assert after["local_compute"] - before["local_compute"] <= 90  # only the tail
 
