@@ -20,9 +20,11 @@ on another decoder. Nothing unexpected leaves as a bare 500: every error has an 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -53,7 +55,7 @@ from disagg.instance import InstanceInfo
 from disagg.kv_feed import KVEventFeed
 from disagg.metrics import GatewayMetrics
 from disagg.pool import InstancePool, Member
-from disagg.relay import Relay, describe, open_answer
+from disagg.relay import Relay, describe, engine_session, open_answer, post_json
 from disagg.scheduler import RequestInfo, make_policy
 from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
@@ -63,6 +65,9 @@ from disagg.validation import check_model, check_request, parse_json, read_body,
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_INFLIGHT = 256  # without api.max_inflight or the launcher's pool-sized value
+# Bodies up to this size are tokenized on the event loop: a short prompt tokenizes in tens of
+# microseconds, less than handing it to a worker thread and back costs (profiled).
+INLINE_TOKENIZE_BYTES = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +79,35 @@ class ServedModel:
     max_model_len: int
     block_size: int | None  # None: learned from the first KV event
     kv_bytes_per_token: int | None  # bounds store tiers in the index; None: unbounded
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A checked request body; ``raw``: the bytes the client sent, when the gateway dropped
+    nothing from them (they then go to the decoder as they came: a large body is not
+    encoded again); ``size``: their length."""
+
+    body: dict[str, Any]
+    raw: bytes | None
+    size: int
+
+    def with_params(self, kv_params: dict | None) -> bytes:
+        """The decoder's body: the client's, plus the prefill's ``kv_transfer_params``.
+        Appended to the raw object when there is one (the key cannot be in it: the client's
+        own was dropped, and a body that had one has no ``raw``)."""
+        if self.raw is not None:
+            if kv_params is None:
+                return self.raw
+            end = self.raw.rstrip()
+            if end.endswith(b"}"):
+                return end[:-1] + b',"kv_transfer_params":' + dumps(kv_params) + b"}"
+        if kv_params is None:
+            return dumps(self.body)
+        return dumps({**self.body, "kv_transfer_params": kv_params})
 
 
 class Gateway:
@@ -111,16 +145,17 @@ class Gateway:
                            self._authorize, scaler, admission=self.admission.state)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._deadline_s = api.request_timeout_s  # end to end, streams included
-        self._timeout = httpx.Timeout(api.request_timeout_s, connect=5.0)
         self._engine_headers = {"Authorization": f"Bearer {engine_token}"} \
             if engine_token else {}
-        self._http: httpx.AsyncClient | None = None  # opened with the app (lifespan)
+        self._http: aiohttp.ClientSession | None = None  # opened with the app (lifespan)
+        # Request ids: random per process (workers never collide), then a counter.
+        self._ids = (f"disagg-{os.urandom(5).hex()}{n:06x}" for n in itertools.count())
         self.relay = Relay(metrics)
         self._degraded = False  # every decoder down (logged once per change)
         self.app = self._build_app()
 
     @property
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> aiohttp.ClientSession:
         if self._http is None:
             raise RuntimeError("the gateway's HTTP client is opened by the app's lifespan")
         return self._http
@@ -133,9 +168,7 @@ class Gateway:
     def _build_app(self) -> FastAPI:
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-            limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-            self._http = httpx.AsyncClient(timeout=self._timeout, limits=limits,
-                                           headers=self._engine_headers)
+            self._http = engine_session(self._deadline_s, self._engine_headers)
             self.loop = asyncio.get_running_loop()
             if self.feed is not None:
                 self.feed.start()
@@ -144,7 +177,7 @@ class Gateway:
             await self.pool.close()
             if self.feed is not None:
                 await self.feed.close()
-            await self._http.aclose()
+            await self._http.close()
 
         app = FastAPI(title="disagg", lifespan=lifespan)
         app.exception_handler(APIError)(lambda _req, exc: exc.response())
@@ -223,15 +256,17 @@ class Gateway:
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                            code="invalid_api_key")
 
-    async def _parse(self, request: Request, path: str) -> dict[str, Any]:
+    async def _parse(self, request: Request, path: str) -> Payload:
         """The checked body, without the fields only the gateway sets (disagg.validation)."""
         self._authorize(request)
-        body = parse_json(await read_body(request, self._max_body))
+        raw = await read_body(request, self._max_body)
+        body = parse_json(raw)
         check_model(body, self.model.name)
-        for name in strip_internal(body):
+        dropped = strip_internal(body)
+        for name in dropped:
             self.metrics.dropped_fields.labels(name).inc()
         check_request(body, path, self._max_n, self.model.max_model_len)
-        return body
+        return Payload(body, None if dropped else raw, len(raw))
 
     async def _admit(self, request: Request) -> Slot:
         """A slot in service: at once, or after queueing (429 queue full, 503 timeout)."""
@@ -261,14 +296,14 @@ class Gateway:
     async def _serve(self, request: Request, path: str) -> Response:
         """Validate, admit, route and answer; the slot is held until the response ends."""
         start = time.perf_counter()
-        info = RequestInfo(f"disagg-{uuid.uuid4().hex[:16]}", headers=dict(request.headers))
+        info = RequestInfo(next(self._ids), headers=dict(request.headers))
         slot: Slot | None = None
         response: Response | None = None
         try:
-            body = await self._parse(request, path)
+            payload = await self._parse(request, path)
             slot = await self._admit(request)
             response = await self._unless_gone(
-                request, self._in_time(self._route(path, body, info, start), start), info)
+                request, self._in_time(self._route(path, payload, info, start), start), info)
         except APIError as exc:
             self.metrics.requests.labels(path, str(exc.status)).inc()
             response = exc.response()
@@ -315,9 +350,10 @@ class Gateway:
             raise APIError(504, "no answer within api.request_timeout_s "
                            f"({self._deadline_s:g} s)", code="timeout") from None
 
-    async def _route(self, path: str, body: dict[str, Any], info: RequestInfo,
+    async def _route(self, path: str, payload: Payload, info: RequestInfo,
                      start: float) -> Response:
-        await self._annotate(path, body, info)
+        body = payload.body
+        await self._annotate(path, body, info, inline=payload.size <= INLINE_TOKENIZE_BYTES)
         decoder = self._pick("decode", info)
         if decoder.info.role == "prefill":  # degraded: no decoder; serve it all there
             decision = Decision(False, "no_decode_instance")
@@ -328,7 +364,8 @@ class Gateway:
         self._record(info, decoder, decision)
         self._expect(decoder, info)
         kv_params = await self._prefill(path, body, info) if decision.remote else None
-        return await self._decode(path, body, kv_params, info, start, decoder)
+        return await self._decode(path, payload.with_params(kv_params), body.get("stream"),
+                                  info, start, decoder)
 
     def _record(self, info: RequestInfo, decoder: Member, decision: Decision) -> None:
         """Count the decision and its prefix hit; keep it for /v1/disagg/status."""
@@ -382,11 +419,13 @@ class Gateway:
             else:
                 logger.info("decode instances healthy again")
 
-    async def _annotate(self, path: str, body: dict, info: RequestInfo) -> None:
-        """Fill the request's token count, block hashes and prefix hits per instance."""
+    async def _annotate(self, path: str, body: dict, info: RequestInfo, inline: bool) -> None:
+        """Fill the request's token count, block hashes and prefix hits per instance. A
+        short body is tokenized ``inline`` on the loop, a long one in a worker thread."""
         if self.hasher is None:
             return
-        tokens = await asyncio.to_thread(self.hasher.tokenize, path, body)
+        tokens = self.hasher.tokenize(path, body) if inline else \
+            await asyncio.to_thread(self.hasher.tokenize, path, body)
         if tokens is None:
             return
         info.prompt_tokens = len(tokens)
@@ -420,20 +459,19 @@ class Gateway:
         self.metrics.routed.labels("prefill", member.key).inc()
         with member.admit():
             try:
-                resp = await member.while_up(self._client.post(
-                    member.info.url + path, json=pbody,
-                    headers={"X-Request-Id": info.request_id}))
+                status, content = await member.while_up(post_json(
+                    self._client, member.info.url + path, dumps(pbody), info.request_id))
             except Exception as exc:  # noqa: BLE001  # any transport fault: decode locally
                 # (not only httpx.HTTPError: a peer that resets mid-connect can surface as
                 # OSError or, through anyio, AttributeError on the closed socket)
                 return self._prefill_failed(member, info, exc)
         self.metrics.prefill_hop.observe(time.perf_counter() - t0)
-        if 400 <= resp.status_code < 500:
-            raise upstream_error(resp.status_code, resp.content)
-        if resp.status_code != 200:
-            return self._prefill_failed(member, info, f"HTTP {resp.status_code}")
+        if 400 <= status < 500:
+            raise upstream_error(status, content)
+        if status != 200:
+            return self._prefill_failed(member, info, f"HTTP {status}")
         try:
-            params = resp.json().get("kv_transfer_params")
+            params = json.loads(content).get("kv_transfer_params")
         except (ValueError, AttributeError):
             params = None
         if not params:
@@ -446,16 +484,15 @@ class Gateway:
         logger.warning("request %s: prefill on %s (%s) failed, decoding locally: %s",
                        info.request_id, member.key, member.info.engine_id, describe(why))
         self.metrics.failures.labels("prefill", member.key).inc()
-        if isinstance(why, httpx.ConnectError):  # refused: the instance is gone, stop now
+        if isinstance(why, aiohttp.ClientConnectorError):  # refused: the instance is gone, stop now
             self.pool.mark_down(member, describe(why))
         return None
 
-    async def _decode(self, path: str, body: dict, kv_params: dict | None, info: RequestInfo,
+    async def _decode(self, path: str, dbody: bytes, stream: Any, info: RequestInfo,
                       start: float, member: Member) -> Response:
         """Answer from a decoder. One that fails before its answer begins (transport fault,
         5xx, a stream cut before its first chunk) is marked down and the request goes to
         the next: nothing has reached the client yet. The retry keeps the prefill's KV."""
-        stream = body.get("stream", False)
         tried: set[str] = set()
         while True:
             if member.key in tried or not member.healthy:
@@ -464,11 +501,11 @@ class Gateway:
             # The prefill's KV goes along wherever the request lands (every instance is
             # kv_both): another instance pulls it, the one that prefilled it finds it in its
             # own cache; either way its held copy is freed now, not at lease expiry.
-            dbody = {**body, "kv_transfer_params": kv_params} if kv_params else body
             inflight = member.admit()
             try:
                 answer = await member.while_up(open_answer(
-                    self._client, member.info.url + path, dbody, info.request_id, stream))
+                    self._client, member.info.url + path, dbody, info.request_id,
+                    bool(stream)))
             except asyncio.CancelledError:  # the client left, or the deadline passed
                 inflight.release()
                 raise

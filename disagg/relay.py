@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from fastapi.responses import Response
 
 from disagg.admission import HeldStream
@@ -34,36 +34,71 @@ class Answer:
     """The beginning of an engine's answer: the whole body (``rest`` None) or a stream's
     first chunk and the rest of it; ``at``: when the beginning arrived."""
 
-    resp: httpx.Response
+    resp: aiohttp.ClientResponse
     head: bytes
     rest: AsyncIterator[bytes] | None
     at: float
+    request_id: str
+
+    @property
+    def status(self) -> int:
+        return self.resp.status
+
+    async def close(self) -> None:
+        """Close the upstream connection (the engine aborts a request still running);
+        idempotent, and a no-op once the answer was read to its end (back in the pool)."""
+        self.resp.close()
 
 
-async def open_answer(client: httpx.AsyncClient, url: str, body: dict, request_id: str,
+def engine_session(timeout_s: float, headers: dict[str, str]) -> aiohttp.ClientSession:
+    """The gateway's HTTP client to its engines: keep-alive pools per engine (host, port),
+    every wait bounded (connect 5 s, each read ``timeout_s``). aiohttp's C parser costs a
+    fraction of httpx's pure-Python client per request (profiled: httpx was a quarter of the
+    gateway's CPU). Bodies pass through as sent (no decompression)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1024, limit_per_host=256, keepalive_timeout=30,
+                                       enable_cleanup_closed=False),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=timeout_s),
+        headers=headers, auto_decompress=False, skip_auto_headers=("Accept-Encoding",))
+
+
+async def post_json(session: aiohttp.ClientSession, url: str, body: bytes,
+                    request_id: str) -> tuple[int, bytes]:
+    """POST a JSON body; the status and the whole answer. Cancelling it closes the
+    connection (the engine aborts the request)."""
+    async with session.post(url, data=body, headers=_headers(request_id)) as resp:
+        return resp.status, await resp.read()
+
+
+def _headers(request_id: str) -> dict[str, str]:
+    return {"Content-Type": "application/json", "X-Request-Id": request_id}
+
+
+async def open_answer(session: aiohttp.ClientSession, url: str, body: bytes, request_id: str,
                       stream: bool) -> Answer:
-    """POST ``body`` to ``url`` and wait for the beginning of the answer: the whole body
-    (not streamed, or a 4xx) or a stream's first chunk. Raises on a transport fault or a
-    5xx before that."""
-    req = client.build_request("POST", url, json=body, headers={"X-Request-Id": request_id})
-    resp = await client.send(req, stream=True)
+    """POST ``body`` (JSON bytes) to ``url`` and wait for the beginning of the answer: the
+    whole body (not streamed, or a 4xx) or a stream's first chunk. Raises on a transport
+    fault or a 5xx before that."""
+    resp = await session.post(url, data=body, headers=_headers(request_id))
     try:
-        if resp.status_code >= 500:
-            raise RuntimeError(f"HTTP {resp.status_code}")
-        if resp.status_code != 200 or not stream:
-            content = await resp.aread()
-            await resp.aclose()
-            return Answer(resp, content, None, time.perf_counter())
-        chunks = resp.aiter_raw()
-        first = await anext(chunks)  # StopAsyncIteration: an empty stream is a fault too
+        if resp.status >= 500:
+            raise RuntimeError(f"HTTP {resp.status}")
+        if resp.status != 200 or not stream:
+            content = await resp.read()
+            resp.release()
+            return Answer(resp, content, None, time.perf_counter(), request_id)
+        chunks = resp.content.iter_any()
+        first = b""
+        while not first:  # iter_any may hand over an empty read; a stream's end raises
+            first = await anext(chunks)  # StopAsyncIteration: an empty stream is a fault
         if first.lstrip().startswith(b'data: {"error"'):
             # The engine failed before its first token (vLLM streams EngineDeadError as an
             # error event on a 200): nothing reached the client, so it is the caller's to
             # retry, as for a 5xx.
             raise RuntimeError(f"error event before the first token: {first[:200]!r}")
-        return Answer(resp, first, chunks, time.perf_counter())
+        return Answer(resp, first, chunks, time.perf_counter(), request_id)
     except BaseException:
-        await resp.aclose()
+        resp.close()
         raise
 
 
@@ -79,32 +114,32 @@ class Relay:
         the end of the stream). An error answer keeps its status and message, in the
         OpenAI shape. A stream is cut (error event) once ``down`` is set or at
         ``deadline`` (``time.perf_counter`` clock)."""
-        resp = answer.resp
         if answer.rest is None:
             inflight.release()
-            self.finish(path, resp.status_code, start, first=None)
-            if resp.status_code != 200:
-                return upstream_error(resp.status_code, answer.head).response()
-            return Response(answer.head, status_code=resp.status_code,
-                            media_type=resp.headers.get("content-type", "application/json"))
+            self.finish(path, answer.status, start, first=None)
+            if answer.status != 200:
+                return upstream_error(answer.status, answer.head).response()
+            return Response(answer.head, status_code=answer.status,
+                            media_type=answer.resp.headers.get("content-type",
+                                                               "application/json"))
         return HeldStream(self._pipe(path, answer, inflight, start, down, deadline),
-                          media_type="text/event-stream", closers=[inflight.release, resp.aclose])
+                          media_type="text/event-stream",
+                          closers=[inflight.release, answer.close])
 
     async def _pipe(self, path: str, answer: Answer, inflight: Inflight, start: float,
                     down: asyncio.Event, deadline: float) -> AsyncIterator[bytes]:
         """The stream's first chunk (already read), then the rest as it comes."""
-        resp, first = answer.resp, answer.at
-        last = first
+        first = last = answer.at
         assert answer.rest is not None
         try:
             yield answer.head
-            async for chunk in guarded(answer.rest, resp.aclose, down, deadline):
+            async for chunk in guarded(answer.rest, answer.close, down, deadline):
                 now = time.perf_counter()
                 self.metrics.itl.observe(now - last)
                 last = now
                 yield chunk
         except Exception as exc:  # noqa: BLE001  # broke off, down or late: end it cleanly
-            rid = resp.request.headers.get("X-Request-Id")
+            rid = answer.request_id
             if isinstance(exc, StreamDeadline):
                 self.metrics.failures.labels("deadline", "gateway").inc()
                 logger.warning("request %s: stream cut at its deadline", rid)
@@ -116,9 +151,9 @@ class Relay:
                                  code="upstream")
             yield f"data: {json.dumps(error.body())}\n\n".encode()
         finally:
-            await resp.aclose()
+            await answer.close()
             inflight.release()
-            self.finish(path, resp.status_code, start, first)
+            self.finish(path, answer.status, start, first)
 
     def finish(self, path: str, status: int, start: float, first: float | None) -> None:
         now = time.perf_counter()
@@ -146,7 +181,7 @@ async def guarded(chunks: AsyncIterator[bytes], close: Callable[[], Awaitable[No
     the task that serves the client can stop waiting for it at any time (an asyncio timeout
     cannot span an async generator's yields). On the way out ``close`` (the upstream
     response's) ends the read: it closes the connection, and the engine aborts the request.
-    The read is not cancelled: httpcore cannot close a connection from a cancelled task."""
+    The read is not cancelled but ended by the close, which also reaches the engine."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=64)  # backpressure from a slow client
     loop = asyncio.get_running_loop()
 
