@@ -2,7 +2,9 @@
 
     GET  /v1/disagg/status   instances with load and index share, the prefix index, the
                              decider's settings, recent routing decisions with reasons,
-                             admission (requests in service, queued, limits)
+                             admission (requests in service, queued, limits), and which
+                             gateway worker answered (``worker``: each has its own
+                             decisions, admission and index; instances are the same)
     POST /v1/disagg/scale    {"prefill": N, "decode": M}: answers once the pools have that size
 
 ``Admin`` reads the parts it is given (pool, index, KV-event feed, decider, recent
@@ -38,10 +40,12 @@ class Admin:
     def __init__(self, model: str, pool: InstancePool, decider: PrefillDecider,
                  recent: deque[dict[str, Any]], index: PrefixIndex | None,
                  feed: KVEventFeed | None, authorize: Authorize, scaler: Scaler | None,
-                 admission: AdmissionState | None = None):
+                 admission: AdmissionState | None = None,
+                 worker: dict[str, Any] | None = None):
         self._model, self._pool, self._decider, self._recent = model, pool, decider, recent
         self._index, self._feed = index, feed
         self._authorize, self._scaler, self._admission = authorize, scaler, admission
+        self._worker = worker
 
     def status(self) -> dict[str, Any]:
         """Instances with their load and index share, the index, recent decisions."""
@@ -69,6 +73,8 @@ class Admin:
                         "max_prefill_queue": self._decider.max_prefill_queue},
             "recent_decisions": list(self._recent)[-50:],
             "admission": self._admission() if self._admission is not None else None,
+            # With api.workers > 1 each gateway process answers for itself: which one this is.
+            "worker": self._worker,
         }
 
     async def status_endpoint(self, request: Request) -> Response:

@@ -293,6 +293,11 @@ class ApiConfig(_Strict):
     queue_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         30.0, description="A queued request that cannot start within this time gets 503."
     )
+    workers: Annotated[int, Field(ge=1, le=32)] = Field(
+        1, description="Gateway processes serving api.port together (SO_REUSEPORT: the kernel "
+        "spreads connections over them). Each routes on its own state, fed by every engine's "
+        "KV events and polls; each takes its share of max_inflight and max_queued. More than "
+        "one helps only with a core free for each.")
 
 
 class Topology(_Strict):

@@ -117,11 +117,13 @@ class Gateway:
     def __init__(self, pool: InstancePool, metrics: GatewayMetrics, model: ServedModel,
                  scheduler: SchedulerConfig, api: ApiConfig, store: StoreConfig,
                  scaler: Scaler | None = None, hasher: RequestHasher | None = None,
-                 engine_token: str | None = None, max_inflight: int | None = None):
+                 engine_token: str | None = None, max_inflight: int | None = None,
+                 worker: dict[str, Any] | None = None):
         """``engine_token``: the Bearer token the deployment's engines require (they accept
         no request without it; ``disagg.credentials``). ``max_inflight``: requests served
         at once, as the launcher sizes it (decode replicas x max_num_seqs); None:
-        ``api.max_inflight`` or DEFAULT_MAX_INFLIGHT."""
+        ``api.max_inflight`` or DEFAULT_MAX_INFLIGHT. ``worker``: which gateway process
+        this is (index, pid, count of workers, own URL), shown in status."""
         self.pool, self.metrics, self.model = pool, metrics, model
         self.api_key = api.api_key
         self._max_body, self._max_n = api.max_body_bytes, api.max_n
@@ -141,8 +143,11 @@ class Gateway:
         self.feed = KVEventFeed(self.index, pool, model.block_size) \
             if self.index is not None else None
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)  # routing decisions
+        self.worker = worker if worker is not None else {"index": 0, "pid": os.getpid(),
+                                                         "workers": api.workers}
         self.admin = Admin(model.name, pool, self.decider, self.recent, self.index, self.feed,
-                           self._authorize, scaler, admission=self.admission.state)
+                           self._authorize, scaler, admission=self.admission.state,
+                           worker=self.worker)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._deadline_s = api.request_timeout_s  # end to end, streams included
         self._engine_headers = {"Authorization": f"Bearer {engine_token}"} \

@@ -32,13 +32,12 @@ import ray
 from disagg.config import Topology
 from disagg.credentials import deployment_secret, engine_token
 from disagg.gateway import Gateway, ServedModel
-from disagg.instance import InstanceInfo, Role, free_port, stop_local_supervisor
+from disagg.instance import InstanceInfo, Role, stop_local_supervisor
 from disagg.launch.actors import InstanceActors
-from disagg.launch.server import GatewayServer
+from disagg.launch.server import GatewayServer, GatewayWorkers, build_gateway, listen_socket
 from disagg.launch.topology import check_names, load_topology, parse_topology
-from disagg.metrics import GatewayMetrics
 from disagg.models import kv_bytes_per_token, resolve_model
-from disagg.pool import InstancePool, Member
+from disagg.pool import Member
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +74,8 @@ class Deployment:
         self._secret = deployment_secret()
         self._actors = InstanceActors(self.name, topology, self.served_model_name,
                                       self.log_dir, self._secret)
-        self._server: GatewayServer | None = None
+        self._server: GatewayServer | None = None  # gateway worker 0, in this process
+        self._workers: GatewayWorkers | None = None  # workers 1.. (api.workers > 1)
         self._started_ray = started_ray
         self._closed = False
         self._scale_lock = threading.Lock()
@@ -99,20 +99,25 @@ class Deployment:
             logger.warning("KV bytes per token unknown (%s); store tiers unbounded in the "
                            "index", exc)
             per_token = None
-        metrics = GatewayMetrics()
         token = engine_token(self._secret)
-        pool = InstancePool(metrics, locate=self._actors.locate, engine_token=token,
-                            stall_s=t.api.engine_stall_s)
-        for key, info in self.instances.items():
-            pool.add(key, info)
         model = ServedModel(self.served_model_name, self.model_path, t.engine.max_model_len,
                             t.engine.block_size, per_token)
-        gateway = Gateway(pool, metrics, model, t.scheduler, t.api, t.store, scaler=self.scale,
-                          engine_token=token, max_inflight=t.api.max_inflight
-                          or t.decode.replicas * t.engine.max_num_seqs)
-        bind_port = port if port is not None else (t.api.port or free_port(t.api.host))
-        self._server = GatewayServer(gateway, t.api.host, bind_port)
+        limit = t.api.max_inflight or t.decode.replicas * t.engine.max_num_seqs
+        many = t.api.workers > 1
+        bind_port = port if port is not None else t.api.port
+        sockets = [listen_socket(t.api.host, bind_port, reuse_port=many)]
+        if many:  # worker 0's own address too (its status and metrics; forwarded scaling)
+            sockets.append(listen_socket(t.api.host, 0, reuse_port=False))
+        worker: dict[str, Any] = {"index": 0, "pid": os.getpid(), "workers": t.api.workers}
+        gateway = build_gateway(t, model, self.instances, token, self._actors.locate,
+                                self.scale, worker, limit)
+        self._server = GatewayServer(gateway, sockets)
+        worker["url"] = self._server.own_url
         self._server.start()
+        if many:
+            self._workers = GatewayWorkers.spawn(
+                t.api.workers - 1, self.name, t, model, self.instances, token,
+                self._server.port, self._server.own_url, limit)
 
     # ---- public ----------------------------------------------------------------------------
     @property
@@ -134,10 +139,15 @@ class Deployment:
             return {"url": self.url, "model": self.served_model_name, "instances": []}
         gateway = self._server.gateway
         members = gateway.pool.members
-        rows = gateway.call(gateway.admin.status)["instances"]  # on its loop: no races
+        own = gateway.call(gateway.admin.status)  # on its loop: no races
+        rows = own["instances"]
         for row in rows:
             row["log"] = members[row["key"]].info.log_path
-        return {"url": self.url, "model": self.served_model_name, "instances": rows}
+        views = [own, *(self._workers.status() if self._workers else [])]
+        workers = [{**v["worker"], "admission": v["admission"],
+                    "decisions": len(v["recent_decisions"])} for v in views]
+        return {"url": self.url, "model": self.served_model_name, "instances": rows,
+                "workers": workers}
 
     def engine_headers(self) -> dict[str, str]:
         """What a caller of this deployment's engines must send (they refuse anyone else):
@@ -181,15 +191,21 @@ class Deployment:
         for key, info in self._actors.wait_ready(keys, READY_TIMEOUT_S).items():
             self.instances[key] = info
             self.gateway.call(self.gateway.add_instance, key, info)
+            if self._workers is not None:
+                self._workers.add_instance(key, info)
             logger.info("scale: %s joined (engine %s at %s)", key, info.engine_id, info.url)
 
     def _shrink(self, keys: list[str], timeout_s: float) -> None:
         gw = self.gateway
         for key in keys:
             gw.call(gw.set_draining, key)
+            if self._workers is not None:
+                self._workers.set_draining(key)
         members = [gw.pool.members[k] for k in keys if k in gw.pool.members]
         deadline = time.monotonic() + timeout_s
-        while any(_busy(m) for m in members) and time.monotonic() < deadline:
+        while (any(_busy(m) for m in members) or (
+                self._workers is not None and self._workers.inflight(keys))) \
+                and time.monotonic() < deadline:
             time.sleep(0.5)
         if any(m.info.role == "prefill" for m in members):
             time.sleep(PULL_GRACE_S)
@@ -197,6 +213,8 @@ class Deployment:
             logger.info("scale: stopping %s", key)
             self._actors.stop([key])
             gw.call(gw.remove_instance, key)
+            if self._workers is not None:
+                self._workers.remove_instance(key)
             self.instances.pop(key, None)
 
     def shutdown(self) -> None:
@@ -205,6 +223,8 @@ class Deployment:
             return
         self._closed = True
         current: list[InstanceInfo] = []
+        if self._workers is not None:
+            self._workers.stop()
         if self._server is not None:
             current = [m.info for m in self._server.gateway.pool.members.values()]
             self._server.stop()
