@@ -1,0 +1,96 @@
+"""Two gateway workers (api.workers: 2) in front of two real `tiny` decoders: greedy outputs
+through either worker (and the shared port) are token-identical to the engine's own, both
+workers serve, each routes by the KV events it follows (a prefix placed through worker 0 is
+found by worker 1), and status, metrics and scaling stay meaningful per worker."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.integration.helpers import complete, scrape, token_prompts
+
+pytestmark = pytest.mark.integration
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def dep():
+    from disagg.launch.api import launch
+
+    topo = {"model": "tiny", "engine": {"dtype": "bfloat16", "max_model_len": 2048,
+                                        "kv_cache_gib": 1, "enforce_eager": True},
+            "prefill": {"replicas": 0}, "decode": {"replicas": 2},
+            "api": {"workers": 2}}
+    with launch(topo) as d:
+        yield d
+
+
+def _urls(dep) -> list[str]:
+    return [w["url"] for w in dep.status()["workers"]]
+
+
+def _status(url: str) -> dict:
+    return httpx.get(url + "/v1/disagg/status", timeout=30).json()
+
+
+def test_two_worker_processes_each_with_its_own_address(dep):
+    workers = dep.status()["workers"]
+    assert [w["index"] for w in workers] == [0, 1]
+    assert len({w["pid"] for w in workers}) == 2
+    for w in workers:
+        assert _status(w["url"])["worker"]["index"] == w["index"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_greedy_outputs_through_each_worker_match_the_engine(dep, stream):
+    engine = dep.instances["decode-0"].url
+    prompts = token_prompts(6, (1, 1500), vocab=16000, seed=3)
+    for prompt in prompts:
+        want = complete(engine, "tiny", prompt, MAX_TOKENS, stream=stream)
+        for url in [*_urls(dep), dep.url]:
+            assert complete(url, "tiny", prompt, MAX_TOKENS, stream=stream) == want, url
+
+
+def test_both_workers_serve_the_shared_port(dep):
+    urls = _urls(dep)
+    before = [scrape(u, "disagg_requests") for u in urls]
+    for i in range(30):  # a connection each: the kernel spreads them over the workers
+        r = httpx.post(dep.url + "/v1/completions", timeout=120,
+                       headers={"Connection": "close"},
+                       json={"model": "tiny", "prompt": f"hello {i}", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    served = [scrape(u, "disagg_requests") - b for u, b in zip(urls, before, strict=True)]
+    assert sum(served) == 30 and all(n > 0 for n in served), served
+
+
+def _last_decision(url: str) -> dict:
+    return _status(url)["recent_decisions"][-1]
+
+
+def test_worker_1_routes_to_where_worker_0_left_a_prefix(dep):
+    """Worker 1 never saw these prompts: it knows where their blocks are only from the
+    engines' KV events, and must send each extension to that decoder with its hit."""
+    w0, w1 = _urls(dep)
+    for prompt in token_prompts(4, (700, 900), vocab=16000, seed=11):
+        complete(w0, "tiny", prompt, 2, stream=False)
+        placed = _last_decision(w0)["decode"]
+        engine_id = dep.instances[placed].engine_id
+        deadline = time.monotonic() + 30
+        while not next(i["indexed_blocks"] for i in _status(w1)["instances"]
+                       if i["engine_id"] == engine_id):
+            assert time.monotonic() < deadline, "worker 1 never indexed the blocks"
+            time.sleep(0.2)
+        complete(w1, "tiny", prompt + [42] * 50, 2, stream=False)
+        routed = _last_decision(w1)
+        assert routed["decode"] == placed, routed
+        assert routed["decoder_cached_tokens"] >= 512, routed
+
+
+def test_scale_on_a_worker_is_forwarded_to_the_launcher(dep):
+    _, w1 = _urls(dep)
+    r = httpx.post(w1 + "/v1/disagg/scale", json={"decode": 0}, timeout=60)
+    assert r.status_code == 400 and "decode must be at least 1" in r.text, r.text
