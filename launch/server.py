@@ -58,7 +58,8 @@ class GatewayServer:
         self.gateway, self.sockets = gateway, sockets
         self.host, self.port = sockets[0].getsockname()[:2]
         config = uvicorn.Config(gateway.app, log_level="warning", access_log=False,
-                                lifespan="on", loop="uvloop", http="httptools")
+                                lifespan="on", loop="uvloop", http="httptools",
+                                proxy_headers=False)  # the gateway reads no client address
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": sockets},
                                         name="disagg-gateway", daemon=True)
@@ -232,8 +233,16 @@ class GatewayWorkers:
     def inflight(self, keys: list[str]) -> int:
         return sum(self._all("inflight", keys))
 
-    def status(self) -> list[dict[str, Any]]:
-        return self._all("status")
+    def status(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each worker's own status; a worker that does not answer shows as an error."""
+        out = []
+        for i, h in enumerate(self._handles, start=1):
+            try:
+                out.append(ray.get(h.status.remote(), timeout=timeout_s))
+            except Exception as exc:  # noqa: BLE001  # dead or stuck: say so, go on
+                out.append({"worker": {"index": i, "error": f"{type(exc).__name__}: {exc}"},
+                            "admission": None, "recent_decisions": []})
+        return out
 
     def stop(self, timeout_s: float = 15.0) -> None:
         refs = [h.stop.remote() for h in self._handles]
