@@ -110,6 +110,17 @@ def test_miss(store):
     assert store.used_bytes == 0 and store.keys() == []
 
 
+def test_batched_calls_answer_as_the_single_ones_in_order(store):
+    for i in (0, 2, 3):
+        store.put(key(i), value(i))
+    asked = [key(3), key(1), key(0), key(2), key(9)]
+    assert store.contains_many(asked) == [store.contains(k) for k in asked] == [
+        True, False, True, True, False]
+    assert store.get_many(asked) == [value(3), None, value(0), value(2), None]
+    assert store.contains_many([]) == [] and store.get_many([]) == []
+    store.check_integrity()
+
+
 def test_overwrite_replaces_value_and_accounting(store, kind):
     store.put(key(1), value(1))
     store.put(key(1), value(2, VALUE // 2))
@@ -756,17 +767,25 @@ def test_redis_cap_holds_under_concurrent_writers_on_two_instances(redis_pair):
     assert a.evicted_entries + b.evicted_entries == len(writers) * per_writer - SLOTS
 
 
-@pytest.mark.parametrize("offset", [0, CHECKSUM_SIZE - 1, CHECKSUM_SIZE, CHECKSUM_SIZE + 999],
-                         ids=["checksum-first", "checksum-last", "value-first", "value-last"])
-def test_redis_flipped_bit_is_a_miss_and_dropped(redis_pair, offset):
+@pytest.mark.parametrize(("where", "offset", "batched"), [
+    ("checksum", 0, False), ("checksum", CHECKSUM_SIZE - 1, True), ("value", 0, True),
+    ("value", VALUE - 1, False)],
+    ids=["checksum-first", "checksum-last-batched", "value-first-batched", "value-last"])
+def test_redis_flipped_bit_is_a_miss_and_dropped(redis_pair, where, offset, batched):
     a, b, raw = redis_pair
     a.put(key(1), value(1))
     a.put(key(2), value(2))
-    vkey = value_key(a, key(1))
-    byte = raw.getrange(vkey, offset, offset)[0]
-    raw.setrange(vkey, offset, bytes([byte ^ 0x10]))
-    assert b.get(key(1)) is None
-    assert not a.contains(key(1)) and raw.exists(vkey) == 0
+    if where == "value":
+        vkey = value_key(a, key(1))
+        byte = raw.getrange(vkey, offset, offset)[0]
+        raw.setrange(vkey, offset, bytes([byte ^ 0x10]))
+    else:
+        checksum = bytearray(raw.hget(f"{a.namespace}:sum", key(1).hex))
+        checksum[offset] ^= 0x10
+        raw.hset(f"{a.namespace}:sum", key(1).hex, bytes(checksum))
+    got = b.get_many([key(1), key(2)]) if batched else [b.get(key(1)), b.get(key(2))]
+    assert got == [None, value(2)]
+    assert not a.contains(key(1)) and raw.exists(value_key(a, key(1))) == 0
     assert b.corrupt_entries == 1 and a.get(key(2)) == value(2)
     assert a.used_bytes == VALUE + CHECKSUM_SIZE
     a.check_integrity()

@@ -73,7 +73,9 @@ def test_lookup_prefix_counts_leading_keys_in_any_tier(store):
     assert store.locate(key(3)) is None
     st = store.stats()
     assert (st.prefix_lookups, st.prefix_hit_chunks) == (3, 3)
-    assert st.tiers[0].hits == 3 and st.tiers[1].hits == 2  # key 1 twice via locate
+    # A batched lookup asks each tier every key the tiers above missed, past a gap too:
+    # tier 0 held 0, 2, 4 (first call), 0 (second) and 0 (locate); tier 1 held 1 twice.
+    assert st.tiers[0].hits == 5 and st.tiers[1].hits == 2
     assert not cpu.contains(key(1))  # lookups promote nothing
 
 
@@ -90,6 +92,36 @@ def test_lower_tier_hit_is_promoted(store):
     assert (st.tiers[1].loads, st.tiers[1].load_hits, st.tiers[1].load_bytes) == (1, 1, SIZE)
     assert store.get(key(1)) == value(1) and store.stats().tiers[1].loads == 1  # CPU now
     assert store.get(key(2)) is None
+
+
+def test_get_prefix_reads_each_tier_once_stops_at_a_gap_and_promotes(store):
+    cpu, disk = store.tiers
+    for i in range(4):
+        store.put(key(i), value(i))
+    store.flush(timeout=30)
+    cpu.delete(key(1))
+    cpu.delete(key(2))
+    disk.delete(key(3))  # in CPU only
+    keys = [key(i) for i in (0, 1, 2, 3, 9, 5)]
+    assert store.get_prefix(keys) == [value(i) for i in range(4)]  # stops at 9
+    st = store.stats()
+    # One batch per tier: CPU asked all six, the disk only the four CPU missed.
+    assert (st.tiers[0].loads, st.tiers[0].load_hits) == (6, 2)
+    assert (st.tiers[1].loads, st.tiers[1].load_hits, st.tiers[1].load_bytes) == (4, 2, 2 * SIZE)
+    # A first load goes to the engine only; loaded again, a chunk is promoted.
+    assert st.promotions == 0 and not cpu.contains(key(1))
+    assert store.get_prefix(keys[1:2]) == [value(1)]
+    assert store.stats().promotions == 1 and cpu.contains(key(1))
+    assert store.get_prefix([key(9), key(0)]) == [] and store.get_prefix([]) == []
+
+
+def test_get_prefix_passes_over_a_failing_tier(tmp_path):
+    top, bottom = FakeBackend(8 * SIZE), CpuBackend(8 * SIZE)
+    bottom.put(key(1), value(1))
+    with TieredStore([top, bottom]) as store:
+        top.fail_gets = True  # get_many asks get key by key: the batch fails as a whole
+        assert store.get_prefix([key(1)]) == [value(1)]
+        assert store.stats().tiers[0].errors == 1
 
 
 def test_promotion_fills_the_tiers_between_in_the_background(tmp_path):

@@ -83,7 +83,8 @@ class DisaggConnector(KVConnectorBase_V1):
         self._scheduler_half().after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._scheduler_half().build_meta()
+        return self._scheduler_half().build_meta(
+            idle=scheduler_output.total_num_scheduled_tokens == 0)
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:

@@ -50,6 +50,11 @@ class KVLoader(ABC, Generic[OrderT]):
     def poll(self) -> list[LoadResult]:
         """Orders finished (loaded or failed) since the last call; drives progress."""
 
+    @property
+    def busy(self) -> bool:
+        """Orders started and not yet reported by ``poll``."""
+        return False
+
     def close(self) -> None:
         return None
 
@@ -111,6 +116,10 @@ class PeerLoader(KVLoader[RecvOrder]):
         pull.read = self.endpoint.start_read(
             peer, o.local_block_ids, o.remote_block_ids, o.remote_request_id.encode()
         )
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pulls)
 
     def _handshake(self, addr: PeerAddress) -> HandshakeReply:
         req = HandshakeRequest(engine_id=self.engine_id, compat=self.compat)

@@ -70,3 +70,6 @@ class DisaggMetadata(KVConnectorMetadata):
     sends: dict[str, float] = field(default_factory=dict)
     store_loads: list[StoreLoadOrder] = field(default_factory=list)
     store_saves: list[StoreSaveOrder] = field(default_factory=list)
+    # This step runs no tokens: vLLM only polls the connector (e.g. a request waits for its
+    # KV). The worker may then block briefly for its store jobs instead of spinning.
+    idle: bool = False

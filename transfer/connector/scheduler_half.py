@@ -152,8 +152,10 @@ class ConnectorScheduler:
             rid, peer, params.remote_request_id, tuple(rest), tuple(remote),
             token_ids=tuple(prompt[:full]), first_block=first))
 
-    def build_meta(self) -> DisaggMetadata:
+    def build_meta(self, idle: bool = False) -> DisaggMetadata:
+        """This step's orders; ``idle``: the step schedules no tokens."""
         meta, self._meta = self._meta, DisaggMetadata()
+        meta.idle = idle
         return meta
 
     # ---- finished requests ------------------------------------------------------------------

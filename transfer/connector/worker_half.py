@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.02  # longest an idle step blocks on the store (see _wait_if_idle)
+
 
 def _channel_key_from_env() -> bytes | None:
     try:
@@ -109,6 +111,8 @@ class ConnectorWorker:
         self._store_pool: ThreadPoolExecutor | None = None
         self._early_done: set[str] = set()  # notified before the send order arrived
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._idle = False  # this step runs no tokens (DisaggMetadata.idle)
+        self._store_done = threading.Event()  # a store load or save ended
 
     # ---- set-up ---------------------------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
@@ -156,8 +160,9 @@ class ConnectorWorker:
         self.store = store = build_store(st)
         self._store_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="disagg-store")
         stats = lambda: self._locked_stats  # noqa: E731  # store threads count under a lock
-        self.loaders["store"] = StoreLoader(store, codec, stats, self._store_pool)
-        self.saver = StoreSaver(store, codec, stats, self._store_pool)
+        self.loaders["store"] = StoreLoader(store, codec, stats, self._store_pool,
+                                            self._store_done)
+        self.saver = StoreSaver(store, codec, stats, self._store_pool, self._store_done)
         if self.tp_rank == 0:  # the scheduler asks rank 0 what the store holds
             self._lookup = LookupServer(self.engine_id, store, codec.keys,
                                         self._count_lookup)
@@ -194,6 +199,7 @@ class ConnectorWorker:
     # ---- per step ---------------------------------------------------------------------------
     def start(self, meta: DisaggMetadata) -> None:
         """Take this step's orders: new loads, releases, and held sends."""
+        self._idle = meta.idle
         now = time.monotonic()
         for rid, lease_s in meta.sends.items():
             self._sends[rid] = now + lease_s
@@ -226,7 +232,23 @@ class ConnectorWorker:
 
     def finished(self) -> tuple[set[str], set[str]]:
         """(done sending, done receiving) since the last call; drives NIXL progress."""
+        self._wait_if_idle()
         return self._finished_sends(), self._finished_loads()
+
+    def _wait_if_idle(self) -> None:
+        """On a step that runs no tokens while store jobs are under way (and no peer pull,
+        which this thread's polls drive), block until one ends, at most ``IDLE_WAIT_S``.
+
+        vLLM calls back at once otherwise: a request waiting for its KV makes the engine
+        loop spin through empty steps, and on a CPU engine that loop holds the core and the
+        GIL the store's copy threads need (an 8K-token disk load measured N x slower).
+        A request arriving meanwhile is scheduled at most ``IDLE_WAIT_S`` later."""
+        store_busy = self.saver is not None and (
+            self.saver.busy or self.loaders["store"].busy)
+        if not (self._idle and store_busy) or self.loaders["peer"].busy:
+            return
+        self._store_done.wait(IDLE_WAIT_S)
+        self._store_done.clear()  # a job ending after this is seen by the polls below
 
     def _finished_loads(self) -> set[str]:
         done: set[str] = set()

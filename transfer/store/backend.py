@@ -29,7 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .keys import ChunkKey
 
@@ -152,6 +152,17 @@ class StoreBackend(ABC):
     @abstractmethod
     def get(self, key: ChunkKey) -> bytes | None:
         """The value, or None on a miss (including a corrupt entry, which is dropped)."""
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """``contains`` for each key, in order. A tier behind a network answers in one
+        round trip; the default asks key by key."""
+        return [self.contains(k) for k in keys]
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        """``get`` for each key, in order (recency as ``get``). A tier behind a network
+        answers in one round trip and a disk tier reads in parallel; the default asks key
+        by key. Raises OSError if the batch as a whole failed."""
+        return [self.get(k) for k in keys]
 
     @abstractmethod
     def put(self, key: ChunkKey, data: BytesLike) -> bool:

@@ -2,8 +2,9 @@
 
 Keys under the namespace ``ns`` (one standalone Redis database; Redis >= 7, not Cluster):
 
-    ns:v:<64 hex digits>   an entry: blake2b-256 checksum (32 B) then the value
-    ns:size                hash  hex -> stored length (checksum included)
+    ns:v:<64 hex digits>   an entry's value
+    ns:sum                 hash  hex -> its XXH3-128 checksum (16 B)
+    ns:size                hash  hex -> stored length (value and checksum)
     ns:lru                 zset  hex -> tick of its last get/put (lowest = least recent)
     ns:used                int   sum of ns:size, the bytes charged against the cap
     ns:tick                int   the recency clock
@@ -21,8 +22,17 @@ policy would drop keys behind the accounting; a vanished value is forgotten when
 a dropped index key breaks it). Instances sharing a namespace must agree on the capacity:
 each put enforces its caller's cap (a different one is logged at start).
 
-The checksum covers the chunk key and the value (keyed blake2b), so a flipped bit, a truncated
-value or a value under the wrong key reads as a miss and is dropped (``corrupt_entries``).
+The checksum covers the chunk key and the value (XXH3-128, tens of GB/s: a cryptographic hash
+would cost more than the copy itself), so a flipped bit, a truncated value or a value under
+the wrong key reads as a miss and is dropped (``corrupt_entries``). It guards against damage,
+not against a writer with access to the server: that is what its password and TLS are for.
+The checksum lives beside the value, not in it, so a read hands the value on without
+slicing it out (a copy of every byte). Entries of the earlier format (a 32-byte blake2b
+prefix in the value, no ``ns:sum``) read as corrupt and are dropped.
+
+Batches. ``contains_many`` is one HMGET; ``get_many`` one MULTI/EXEC of plain GETs and an
+HMGET of their checksums (atomic: a value and its checksum always match; no script copies
+the values on the server), then one script that makes the hits most recent.
 Every network call has ``socket_timeout_s`` and no retry; any Redis failure (unreachable or
 hung server, read-only replica, out of memory, BUSY, auth) raises ``RedisTierError``, an
 OSError, which TieredStore counts as a miss or a skipped write, as it does for disk I/O errors.
@@ -52,14 +62,14 @@ one, which then only says that there is a Redis tier and may be given redacted.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import redis
+import xxhash
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -70,8 +80,9 @@ from .keys import ChunkKey
 
 logger = logging.getLogger(__name__)
 
-CHECKSUM_SIZE = 32
-_PERSON = b"disagg-redis-v1"
+CHECKSUM_SIZE = 16
+READ_SIZE = 1 << 20  # socket reads: chunks are megabytes; 64 KiB reads cost a call each
+_PERSON = b"disagg-redis-v2"
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # no glob or separator characters
 
 
@@ -103,16 +114,19 @@ def redact(url: str) -> str:
 
 
 # -- server-side scripts --------------------------------------------------------------------
-# KEYS = ns:lru, ns:size, ns:used, ns:tick, ns:cap; ARGV[1] = "ns:v:" (value key prefix).
+# KEYS = ns:lru, ns:size, ns:used, ns:tick, ns:cap, ns:sum; ARGV[1] = "ns:v:" (value key
+# prefix).
 # Value keys other than the target are built from ARGV[1], which standalone Redis allows.
 
 _LIB = """
 local lru, sizes, used_key, tick_key, cap_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local sums = KEYS[6]
 local vprefix = ARGV[1]
 -- Forget hex everywhere; its recorded size, or nil if it was not indexed.
 local function drop(hex)
   local size = tonumber(redis.call('HGET', sizes, hex))
   redis.call('DEL', vprefix .. hex)
+  redis.call('HDEL', sums, hex)
   redis.call('ZREM', lru, hex)
   if size then
     redis.call('HDEL', sizes, hex)
@@ -134,21 +148,24 @@ local function evict_for(size, cap)
 end
 """
 
-# ARGV[2] hex, ARGV[3] blob, ARGV[4] cap -> {stored 0/1, evicted entries, evicted bytes}.
-# Denied up front (no partial effect) while Redis is over maxmemory.
+# ARGV[2] hex, ARGV[3] value, ARGV[4] cap, ARGV[5] checksum -> {stored 0/1, evicted entries,
+# evicted bytes}. Denied up front (no partial effect) while Redis is over maxmemory.
 _PUT = "#!lua flags=no-cluster\n" + _LIB + """
-local hex, blob, cap = ARGV[2], ARGV[3], tonumber(ARGV[4])
-if #blob > cap then return {0, 0, 0} end
+local hex, blob, cap, sum = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local size = #blob + #sum
+if size > cap then return {0, 0, 0} end
 drop(hex)
-local n, bytes, used = evict_for(#blob, cap)
+local n, bytes, used = evict_for(size, cap)
 redis.call('SET', vprefix .. hex, blob)
-redis.call('HSET', sizes, hex, #blob)
+redis.call('HSET', sums, hex, sum)
+redis.call('HSET', sizes, hex, size)
 redis.call('ZADD', lru, redis.call('INCR', tick_key), hex)
-redis.call('INCRBY', used_key, #blob)
+redis.call('INCRBY', used_key, size)
 return {1, n, bytes}
 """
 
-# ARGV[2] hex -> blob or nil; a hit becomes most recent, a vanished value is forgotten.
+# ARGV[2] hex -> {value, checksum} or nil; a hit becomes most recent, a vanished value is
+# forgotten.
 _GET = "#!lua flags=no-cluster,allow-oom\n" + _LIB + """
 local hex = ARGV[2]
 local blob = redis.call('GET', vprefix .. hex)
@@ -157,7 +174,21 @@ if not blob then
   return false
 end
 redis.call('ZADD', lru, 'XX', redis.call('INCR', tick_key), hex)
-return blob
+return {blob, redis.call('HGET', sums, hex) or ''}
+"""
+
+# ARGV[2..] hexes just read -> count; each still present becomes most recent, a vanished
+# value is forgotten.
+_TOUCH = "#!lua flags=no-cluster,allow-oom\n" + _LIB + """
+for i = 2, #ARGV do
+  local hex = ARGV[i]
+  if redis.call('EXISTS', vprefix .. hex) == 1 then
+    redis.call('ZADD', lru, 'XX', redis.call('INCR', tick_key), hex)
+  elseif redis.call('HEXISTS', sizes, hex) == 1 then
+    drop(hex)
+  end
+end
+return #ARGV - 1
 """
 
 # ARGV[2] hex, ARGV[3] expected blob or "" (any) -> 1 if dropped. The expected blob keeps a
@@ -185,7 +216,8 @@ local all = redis.call('HGETALL', sizes)
 for i = 1, #all, 2 do
   local hex, size = all[i], tonumber(all[i + 1])
   total, count = total + size, count + 1
-  if redis.call('STRLEN', vprefix .. hex) ~= size or not redis.call('ZSCORE', lru, hex) then
+  local stored = redis.call('STRLEN', vprefix .. hex) + redis.call('HSTRLEN', sums, hex)
+  if stored ~= size or not redis.call('ZSCORE', lru, hex) then
     table.insert(bad, hex)
   end
 end
@@ -220,10 +252,11 @@ class RedisBackend(StoreBackend):
         self.where = kw.get("path") or f"{kw.get('host')}:{kw.get('port')}/{kw.get('db', 0)}"
         self.breaker = CircuitBreaker(  # None: up to 16x the back-off, at least 16 s
             breaker_backoff_s, breaker_max_backoff_s or max(16.0, 16 * breaker_backoff_s))
-        self._keys = [f"{namespace}:{k}" for k in ("lru", "size", "used", "tick", "cap")]
+        self._keys = [f"{namespace}:{k}" for k in ("lru", "size", "used", "tick", "cap", "sum")]
         self._vprefix = f"{namespace}:v:"
         self._scripts = {name: self._client.register_script(src) for name, src in
-                         [("put", _PUT), ("get", _GET), ("drop", _DROP), ("trim", _TRIM),
+                         [("put", _PUT), ("get", _GET), ("touch", _TOUCH), ("drop", _DROP),
+                          ("trim", _TRIM),
                           ("check", _CHECK)]}
         self._last_used = 0
         self._closed = False
@@ -252,15 +285,43 @@ class RedisBackend(StoreBackend):
         with self._errors("contains"):
             return bool(self._client.hexists(self._keys[1], key.hex))
 
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        if not keys:
+            return []
+        with self._errors("contains"):
+            sizes = self._client.hmget(self._keys[1], [k.hex for k in keys])
+        return [size is not None for size in sizes]
+
     def get(self, key: ChunkKey) -> bytes | None:
-        blob = self._run("get", key.hex)
-        if blob is None:
-            return None
-        body = memoryview(blob)[CHECKSUM_SIZE:]
-        if len(blob) < CHECKSUM_SIZE or blob[:CHECKSUM_SIZE] != _checksum(key, body):
+        found = self._run("get", key.hex)
+        return None if found is None else self._checked(key, found[0], found[1])
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[bytes | None]:
+        if not keys:
+            return []
+        hexes = [k.hex for k in keys]
+        with self._errors("get"):
+            pipe = self._client.pipeline(transaction=True)
+            for hx in hexes:
+                pipe.get(self._vprefix + hx)
+            pipe.hmget(self._keys[5], hexes)
+            *blobs, sums = pipe.execute()
+        hits = [hx for hx, b in zip(hexes, blobs, strict=True) if b is not None]
+        if hits:
+            try:
+                self._run("touch", *hits)
+            except OSError:  # the values are good; only their recency was not updated
+                logger.debug("redis tier %s: touching %d entries failed", self.where,
+                             len(hits), exc_info=True)
+        return [None if b is None else self._checked(k, b, sum_ or b"")
+                for k, b, sum_ in zip(keys, blobs, sums, strict=True)]
+
+    def _checked(self, key: ChunkKey, blob: bytes, checksum: bytes) -> bytes | None:
+        """``blob`` if ``checksum`` is its checksum; a corrupt entry is dropped."""
+        if checksum != _checksum(key, blob):
             self._drop_corrupt(key, blob)
             return None
-        return bytes(body)
+        return blob
 
     def put(self, key: ChunkKey, data: BytesLike) -> bool:
         value = memoryview(data).cast("B")
@@ -268,8 +329,8 @@ class RedisBackend(StoreBackend):
             return False
         if self._closed:
             raise RuntimeError(f"RedisBackend({self.where}, {self.namespace}) is closed")
-        blob = b"".join((_checksum(key, value), value))
-        stored, evicted, evicted_bytes = self._run("put", key.hex, blob, self._capacity)
+        stored, evicted, evicted_bytes = self._run("put", key.hex, value, self._capacity,
+                                                   _checksum(key, value))
         self._count_evictions(evicted, evicted_bytes)
         return bool(stored)
 
@@ -299,7 +360,7 @@ class RedisBackend(StoreBackend):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _run(self, script: str, *args: bytes | str | int) -> Any:
+    def _run(self, script: str, *args: bytes | memoryview | str | int) -> Any:
         with self._errors(script):
             return self._scripts[script](keys=self._keys, args=[self._vprefix, *args])
 
@@ -366,7 +427,8 @@ def _client(url: str, socket_timeout_s: float) -> redis.Redis:
     try:
         client = redis.Redis.from_url(
             url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            socket_read_size=READ_SIZE)
         pool = client.connection_pool
         # Connections are made lazily: build one now (no I/O) so that a query parameter the
         # connection class does not take fails here, not as a TypeError on the first call.
@@ -381,7 +443,10 @@ def _client(url: str, socket_timeout_s: float) -> redis.Redis:
     return client
 
 
-def _checksum(key: ChunkKey, value: memoryview) -> bytes:
-    """blake2b-256 of the value, keyed by the chunk key (a value under the wrong key fails)."""
-    return hashlib.blake2b(value, digest_size=CHECKSUM_SIZE, key=key.digest,
-                           person=_PERSON).digest()
+def _checksum(key: ChunkKey, value: BytesLike) -> bytes:
+    """XXH3-128 of the format tag, the chunk key and the value (a value under the wrong key
+    fails)."""
+    h = xxhash.xxh3_128(_PERSON)
+    h.update(key.digest)
+    h.update(value)
+    return h.digest()
