@@ -11,7 +11,8 @@ run, with the same request bodies (short completions, greedy, not streamed):
   which hosts worker 0, and each extra worker's) from /proc/<pid>/stat, read before and after
   each phase, divided by the requests served. The printed figure is raw: the processes' idle
   background (pool polls, KV events, Ray's threads in the launcher's process) is included;
-  the table also shows it net of that background, measured while the engine alone is loaded;
+  the table also shows it net of each process's background, measured while the engine alone
+  is loaded (the pool then polls at its idle rate, so "net" still holds the busy polls);
 - throughput: ``--connections`` keep-alive connections in a closed loop for ``--seconds``,
   against the engine, one gateway worker (its own address) and every worker (the shared port).
 
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -139,12 +141,17 @@ def run_client(spec: dict) -> Any:
     """Run the load generator in a process of its own; its JSON result."""
     path = Path(f"/tmp/disagg-gateway-bench-{os.getpid()}.json")
     path.write_text(json.dumps(spec))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         out = subprocess.run([sys.executable, "-m", "benchmarks.gateway", "--client", str(path)],
                              check=True, capture_output=True, text=True, timeout=600)
     finally:
         path.unlink(missing_ok=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["client_cpu_s"] = (after.ru_utime + after.ru_stime - before.ru_utime
+                              - before.ru_stime)  # the load generator's own CPU
+    return result
 
 
 # ---- the measurement ---------------------------------------------------------------------------
@@ -170,6 +177,42 @@ def gateway_workers(dep: Any) -> list[dict]:
     return workers or [{"index": 0, "pid": os.getpid(), "url": dep.url}]
 
 
+def poll_parse_ms(url: str, headers: dict[str, str]) -> tuple[float, int]:
+    """What one pool poll of ``url`` costs a gateway in parsing (ms), and the text's size:
+    every worker parses every engine's /metrics each poll interval."""
+    import timeit
+
+    import httpx
+
+    from disagg.scrape import parse
+
+    text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+    return timeit.timeit(lambda: parse(text, "vllm:"), number=5) / 5 * 1e3, len(text)
+
+
+class Meter:
+    """CPU time of gateway processes over a phase, raw and net of each one's background."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self.background = dict.fromkeys(pids, 0.0)  # CPU s per s, idle
+
+    def idle(self, run: Any) -> Any:
+        """Run ``run()`` while the gateway serves nothing: each process's background."""
+        c0, t0 = {p: cpu_seconds([p]) for p in self.pids}, time.perf_counter()
+        out = run()
+        dt = time.perf_counter() - t0
+        self.background = {p: (cpu_seconds([p]) - c0[p]) / dt for p in self.pids}
+        return out
+
+    def busy(self, pids: list[int], run: Any) -> tuple[Any, float, float]:
+        """Run ``run()``; its result, and the CPU seconds ``pids`` used: raw and net."""
+        c0, t0 = cpu_seconds(pids), time.perf_counter()
+        out = run()
+        used, dt = cpu_seconds(pids) - c0, time.perf_counter() - t0
+        return out, used, max(0.0, used - sum(self.background[p] for p in pids) * dt)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from disagg.launch.api import launch  # heavy (Ray): only when run
 
@@ -183,33 +226,36 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         engine = dep.instances["decode-0"].url
         workers = gateway_workers(dep)
         pids = [w["pid"] for w in workers]
+        meter = Meter(pids)
         base = {"bodies": bodies(dep.served_model_name), "headers": dep.engine_headers()}
         w0 = workers[0]["url"]
         run_client({**base, "mode": "latency", "rounds": 30,
                     "urls": {"direct": engine, "gateway": w0}})  # warm-up
-        c0 = cpu_seconds(pids)
-        lat = run_client({**base, "mode": "latency", "rounds": args.requests,
-                          "urls": {"direct": engine, "gateway": w0}})
-        serial_cpu = (cpu_seconds(pids) - c0) / args.requests
-        res: dict[str, Any] = {
-            "direct_p50_ms": statistics.median(lat["direct"]) * 1e3,
-            "gateway_p50_ms": statistics.median(lat["gateway"]) * 1e3,
-            "serial_cpu_ms": serial_cpu * 1e3, "workers": len(workers)}
         load = {**base, "mode": "throughput", "connections": args.connections,
                 "seconds": args.seconds}
-        for name, url in [("direct", engine), ("gateway_1", w0),
-                          *([("gateway_all", dep.url)] if len(workers) > 1 else [])]:
-            c0 = cpu_seconds(pids)
-            out = run_client({**load, "url": url})
+        direct = meter.idle(lambda: run_client({**load, "url": engine}))
+        res: dict[str, Any] = {"workers": len(workers),
+                               "direct_rps": direct["requests"] / direct["seconds"],
+                               "client_cpu_ms": direct["client_cpu_s"] / direct["requests"] * 1e3,
+                               "background_cpu_ms_per_s": sum(meter.background.values()) * 1e3}
+        res["poll_parse_ms"], res["metrics_bytes"] = poll_parse_ms(engine, base["headers"])
+        lat, used, net = meter.busy([pids[0]], lambda: run_client(
+            {**base, "mode": "latency", "rounds": args.requests,
+             "urls": {"direct": engine, "gateway": w0}}))
+        res.update(direct_p50_ms=statistics.median(lat["direct"]) * 1e3,
+                   gateway_p50_ms=statistics.median(lat["gateway"]) * 1e3,
+                   serial_cpu_ms=used / args.requests * 1e3,
+                   serial_net_cpu_ms=net / args.requests * 1e3)
+        phases = [("gateway_1", w0, [pids[0]])]
+        if len(workers) > 1:
+            phases.append(("gateway_all", dep.url, pids))
+        for name, url, serving in phases:
+            out, used, net = meter.busy(serving, lambda u=url: run_client({**load, "url": u}))
             if out["errors"]:
                 raise RuntimeError(f"{name}: {out['errors']} requests failed")
             res[f"{name}_rps"] = out["requests"] / out["seconds"]
-            used = cpu_seconds(pids) - c0
-            if name == "direct":  # the gateway serves nothing meanwhile: its background
-                res["background_cpu_ms_per_s"] = used / out["seconds"] * 1e3
             res[f"{name}_cpu_ms"] = used / max(out["requests"], 1) * 1e3
-            res[f"{name}_net_cpu_ms"] = max(0.0, used - res["background_cpu_ms_per_s"] / 1e3
-                                            * out["seconds"]) / max(out["requests"], 1) * 1e3
+            res[f"{name}_net_cpu_ms"] = net / max(out["requests"], 1) * 1e3
     return res
 
 
@@ -220,13 +266,18 @@ def render(r: dict[str, Any], command: str) -> str:
         "|---|---|---|",
         f"| p50 latency, one at a time (ms) | {r['direct_p50_ms']:.2f} | "
         f"{r['gateway_p50_ms']:.2f} (+{added:.2f}) |",
-        f"| gateway CPU per request, one at a time (ms) | - | {r['serial_cpu_ms']:.2f} |",
+        f"| gateway CPU per request, one at a time (ms) | - | {r['serial_cpu_ms']:.2f} "
+        f"(net of background: {r['serial_net_cpu_ms']:.2f}) |",
         f"| throughput, 1 gateway worker (req/s) | {r['direct_rps']:.0f} | "
         f"{r['gateway_1_rps']:.0f} (x{r['gateway_1_rps'] / r['direct_rps']:.2f}) |",
         f"| gateway CPU per request at load, 1 worker (ms) | - | {r['gateway_1_cpu_ms']:.2f} "
         f"(net of background: {r['gateway_1_net_cpu_ms']:.2f}) |",
-        f"| gateway processes' idle background (CPU ms per s) | - | "
+        f"| load generator CPU per request at load (ms) | {r['client_cpu_ms']:.2f} | - |",
+        f"| gateway processes' idle background, all workers (CPU ms per s) | - | "
         f"{r['background_cpu_ms_per_s']:.0f} |",
+        f"| one pool poll: parsing the engine's /metrics ({r['metrics_bytes'] / 1024:.0f} KiB), "
+        f"per worker per engine every 0.5 s busy / 2 s idle (ms) | - | "
+        f"{r['poll_parse_ms']:.1f} |",
     ]
     if "gateway_all_rps" in r:
         rows += [f"| throughput, {r['workers']} gateway workers (req/s) | "
