@@ -121,6 +121,17 @@ def test_batched_calls_answer_as_the_single_ones_in_order(store):
     store.check_integrity()
 
 
+def test_reads_into_buffers_and_a_buffer_of_another_size_is_a_miss(store):
+    store.put(key(1), value(1))
+    store.put(key(2), value(2))
+    out = [memoryview(bytearray(VALUE)), memoryview(bytearray(VALUE)),
+           memoryview(bytearray(VALUE - 1))]
+    assert store.get_many_into([key(1), key(9), key(2)], out) == [True, False, False]
+    assert bytes(out[0]) == value(1) and not any(out[1])
+    assert store.get(key(2)) == value(2)  # not taken for corrupt
+    store.check_integrity()
+
+
 def test_overwrite_replaces_value_and_accounting(store, kind):
     store.put(key(1), value(1))
     store.put(key(1), value(2, VALUE // 2))

@@ -7,6 +7,7 @@ shared disk tier and through Redis; a failed peer pull falls back to the store.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import msgspec
@@ -61,6 +62,26 @@ def _save(x: ConnectorWorker, rid: str, blocks: tuple[int, ...]) -> None:
     x.start(DisaggMetadata(store_saves=[StoreSaveOrder(rid, PROMPT[:5 * CHUNK], blocks)]))
     _step_until([x], lambda r: rid in r[x][0])  # held until copied
     assert x.store.flush(10)  # write-through to the lower tiers done
+
+
+def test_an_idle_step_waits_for_its_store_load_instead_of_spinning(tmp_path, monkeypatch):
+    """vLLM polls an idle engine's connector in a tight loop while a request waits for its
+    KV; the worker then blocks (bounded) until a store job ends, so one poll sees it."""
+    x, _ = _worker("x-idle", True, {"disk_path": str(tmp_path / "kv")})
+    y, _ = _worker("y-idle", False, {"disk_path": str(tmp_path / "kv")})
+    try:
+        _save(x, "a", tuple(range(3, 13)))
+        assert y.store is not None
+        gate = threading.Event()
+        real = y.store.get_prefix
+        monkeypatch.setattr(y.store, "get_prefix", lambda *a: gate.wait(5) and real(*a))
+        load = StoreLoadOrder("b", (15, 14), PROMPT[:5 * CHUNK], first_block=0)
+        y.start(DisaggMetadata(store_loads=[load], idle=True))
+        threading.Timer(0.005, gate.set).start()  # the load ends 5 ms into the poll
+        assert "b" in y.finished()[1] and not y.load_errors()
+    finally:
+        x.close()
+        y.close()
 
 
 @pytest.mark.parametrize("kind", ["disk", "redis"])

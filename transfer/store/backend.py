@@ -164,6 +164,20 @@ class StoreBackend(ABC):
         by key. Raises OSError if the batch as a whole failed."""
         return [self.get(k) for k in keys]
 
+    def get_many_into(self, keys: Sequence[ChunkKey], out: Sequence[memoryview]) -> list[bool]:
+        """Read each key's value into the writable buffer ``out[i]`` (which must be exactly
+        the value's size: a value of another size reads as a miss); which ones were read.
+        For loads into preallocated memory. The default copies what ``get_many`` returns;
+        a tier that can read in place (disk: ``readinto``) overrides it."""
+        found = []
+        for value, buf in zip(self.get_many(keys), out, strict=True):
+            if value is not None and len(value) == buf.nbytes:
+                buf[:] = value
+                found.append(True)
+            else:
+                found.append(False)
+        return found
+
     @abstractmethod
     def put(self, key: ChunkKey, data: BytesLike) -> bool:
         """Store ``data`` under ``key``, replacing any previous value and evicting least

@@ -96,7 +96,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,15 +199,25 @@ class DiskBackend(StoreBackend):
         return True
 
     def get(self, key: ChunkKey) -> bytes | None:
+        value = self._get(key, None)
+        assert not isinstance(value, memoryview)
+        return value
+
+    def get_many_into(self, keys: Sequence[ChunkKey], out: Sequence[memoryview]) -> list[bool]:
+        """Read straight into ``out``: no allocation, no copy beyond the page cache's."""
+        return [self._get(k, buf) is not None for k, buf in zip(keys, out, strict=True)]
+
+    def _get(self, key: ChunkKey, into: memoryview | None) -> bytes | memoryview | None:
         hx = key.hex
         path = self._file(hx)
         try:
-            value, inode = _read_entry(path, key)
+            value, inode = _read_entry(path, key, into)
         except FileNotFoundError:  # never written, or evicted/deleted by any sharer
             self._forget(hx)
             return None
         if value is None:
-            self._drop_corrupt(hx, inode)
+            if into is None or _entry_size(path) == HEADER.size + into.nbytes:
+                self._drop_corrupt(hx, inode)  # (a value of another size is no corruption)
             return None
         with self._lock:
             self._clock = stamp = max(self._clock + 1, time.time_ns())
@@ -560,10 +570,13 @@ def _write_entry(fd: int, key: ChunkKey, value: memoryview, stamp: int) -> None:
     os.fsync(fd)  # data durable before the rename makes it visible
 
 
-def _read_entry(path: str, key: ChunkKey) -> tuple[bytes | None, int]:
-    """(value, inode), value None when the file is not a valid entry for ``key``.
+def _read_entry(path: str, key: ChunkKey,
+                into: memoryview | None = None) -> tuple[bytes | memoryview | None, int]:
+    """(value, inode), value None when the file is not a valid entry for ``key``. With
+    ``into`` (a writable buffer), a value of exactly its size is read into it and ``into``
+    returned; a value of another size is None (not an entry the caller can use).
     Raises FileNotFoundError when there is no file."""
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         st = os.fstat(f.fileno())
         head = f.read(HEADER.size)
         if len(head) != HEADER.size:
@@ -572,9 +585,22 @@ def _read_entry(path: str, key: ChunkKey) -> tuple[bytes | None, int]:
         if (magic, version, flags, digest) != (MAGIC, VERSION, 0, key.digest) or (
                 st.st_size != HEADER.size + length):
             return None, st.st_ino
-        value = f.read(length)
-    ok = len(value) == length and xxhash.xxh3_64_intdigest(value) == crc
+        if into is None:
+            value: bytes | memoryview = f.read(length)
+            got = len(value)
+        elif into.nbytes != length:
+            return None, st.st_ino
+        else:
+            value, got = into, f.readinto(into) or 0
+    ok = got == length and xxhash.xxh3_64_intdigest(value) == crc
     return (value if ok else None), st.st_ino
+
+
+def _entry_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 def _touch(path: str, stamp: int) -> bool:

@@ -13,6 +13,7 @@ blocks that only its waiting request owns. On CUDA the copies stage through host
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import warnings
@@ -41,6 +42,7 @@ from disagg.transfer.store import (
     chunk_keys,
     chunk_tokens_for,
 )
+from disagg.transfer.store.backend import BytesLike
 from disagg.transfer.store.redis import connect_url
 
 logger = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ class ChunkCodec:
         chunk = gather_blocks(self.kv_caches, block_ids, self.layout)
         return memoryview(bits(chunk.cpu()).numpy()).cast("B")
 
-    def decode_into(self, data: bytes, block_ids: Sequence[int], offset: int) -> None:
+    def decode_into(self, data: BytesLike, block_ids: Sequence[int], offset: int) -> None:
         """Scatter blocks ``offset .. offset + len(block_ids) - 1`` of the chunk ``data``."""
         g = self.geometry
         with warnings.catch_warnings():  # read-only bytes: we only read (and copy) them
@@ -142,34 +144,57 @@ class _StoreJobs(Generic[JobOrder]):
 
 
 class StoreLoader(_StoreJobs[StoreLoadOrder], KVLoader[StoreLoadOrder]):
-    """Loads the store's chunks of a request's prompt into its new blocks (thread)."""
+    """Loads the store's chunks of a request's prompt into its new blocks (thread).
+
+    Chunks below the CPU tier are read into staging buffers allocated (and touched) once,
+    one per loader thread, so a load allocates nothing: fresh memory costs a page fault per
+    4 KiB, which in a VM cost three times the read itself (pinned memory on CUDA hosts, for
+    the copy to the device)."""
 
     name = "store"
-
-    # Chunks asked of the store at once: one round trip per batch and tier, and a bound on
-    # the bytes held at once, which the next batch then reuses (fresh memory costs a page
-    # fault per 4 KiB; in a VM that cost more than reading the bytes).
+    # Chunks asked of the store at once (the staging buffer's size, about): one round trip
+    # per batch and tier, and I/O for one batch while the last one scatters.
     BATCH_BYTES = 16 << 20
+
+    def __init__(self, store: TieredStore, codec: ChunkCodec,
+                 stats: Callable[[], StatsSink], pool: ThreadPoolExecutor,
+                 on_done: threading.Event | None = None):
+        super().__init__(store, codec, stats, pool, on_done)
+        self.per_batch = max(1, self.BATCH_BYTES // codec.chunk_bytes())
+        self._staging: queue.SimpleQueue[list[memoryview]] = queue.SimpleQueue()
+        for _ in range(pool._max_workers):
+            self._staging.put(self._slots())
+
+    def _slots(self) -> list[memoryview]:
+        size = self.codec.chunk_bytes()
+        buf = torch.zeros(self.per_batch * size, dtype=torch.uint8,
+                          pin_memory=self.codec.layout is KVLayout.CUDA)  # zeros: touched
+        view = memoryview(buf.numpy())
+        return [view[k * size:(k + 1) * size] for k in range(self.per_batch)]
 
     def _run(self, order: StoreLoadOrder) -> int:
         """Fill the order's blocks from the store's leading chunks, a batch of chunks at a
         time; returns how many leading blocks loaded."""
         bpc = self.codec.blocks_per_chunk
         keys = self.codec.keys(order.token_ids)
-        first, last = divmod(order.first_block, bpc)[0], \
-            (order.first_block + len(order.local_block_ids) - 1) // bpc
-        per_batch = max(1, self.BATCH_BYTES // self.codec.chunk_bytes())
+        first = order.first_block // bpc
+        end = min((order.first_block + len(order.local_block_ids) - 1) // bpc + 1, len(keys))
+        slots = self._staging.get()
         done, nbytes = 0, 0
-        for c0 in range(first, min(last + 1, len(keys)), per_batch):
-            values = self.store.get_prefix(keys[c0:min(last + 1, c0 + per_batch)])
-            for c, data in enumerate(values, start=c0):
-                offset = order.first_block + done - c * bpc
-                n = min(bpc - offset, len(order.local_block_ids) - done)
-                self.codec.decode_into(data, order.local_block_ids[done:done + n], offset)
-                done += n
-                nbytes += len(data)
-            if len(values) < min(last + 1, c0 + per_batch) - c0:
-                break  # a chunk no tier holds: the rest is computed
+        try:
+            for c0 in range(first, end, self.per_batch):
+                batch = keys[c0:min(end, c0 + self.per_batch)]
+                values = self.store.get_prefix(batch, slots[:len(batch)])
+                for c, data in enumerate(values, start=c0):
+                    offset = order.first_block + done - c * bpc
+                    n = min(bpc - offset, len(order.local_block_ids) - done)
+                    self.codec.decode_into(data, order.local_block_ids[done:done + n], offset)
+                    done += n
+                    nbytes += memoryview(data).nbytes
+                if len(values) < len(batch):
+                    break  # a chunk no tier holds: the rest is computed
+        finally:
+            self._staging.put(slots)
         s = self._stats()
         s.add("store_load_bytes", nbytes)
         s.add("store_loaded_tokens", done * self.codec.block_size)

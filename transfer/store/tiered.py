@@ -19,15 +19,15 @@ and counts (``corrupt``). Repeated I/O failures of one tier are logged once per
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, overload
 
 from .backend import BytesLike, StoreBackend, TierUnavailable
 from .keys import ChunkKey
@@ -115,10 +115,13 @@ class TieredStore:
         (one round trip for a network tier), each asking only what the tiers above miss.
         Side-effect free apart from counters."""
         missing = list(range(len(keys)))
-        for i in range(len(self.tiers)):
+        for i, tier in enumerate(self.tiers):
             if not missing:
                 break
-            found = self._tier_call(i, "lookup", [keys[j] for j in missing])
+            batch = [keys[j] for j in missing]
+            found: list[bool] | None = None
+            with self._tier_errors(i, "lookup", batch[0]):
+                found = tier.contains_many(batch)
             if found is None:
                 continue
             self._count(i, lookups=len(missing), hits=sum(found))
@@ -129,10 +132,13 @@ class TieredStore:
             self._stats.prefix_hit_chunks += n
         return n
 
-    def get_prefix(self, keys: Sequence[ChunkKey]) -> list[bytes]:
+    def get_prefix(self, keys: Sequence[ChunkKey],
+                   staging: Sequence[memoryview] | None = None) -> list[BytesLike]:
         """The values of the leading ``keys`` that some tier holds (stops at the first key
-        none holds): one batched ``get_many`` per tier, each asking only what the tiers
-        above missed.
+        none holds): one batched read per tier, each asking only what the tiers above
+        missed. With ``staging`` (a writable buffer per key, each the size of its value),
+        tiers below the first read into it (``get_many_into``: a disk tier without any
+        allocation) and the values returned are those buffers; tier 0's are its own.
 
         A hit below tier 0 is promoted (as ``get`` does) only on its second load within the
         last ``RELOADS_TRACKED`` loads: a batch goes straight into the engine's own KV cache,
@@ -140,23 +146,31 @@ class TieredStore:
         cache. Keeping every loaded chunk would also grow the process by a whole prompt's KV
         per load, and fresh memory costs a page fault per 4 KiB (measured in a VM: 3x the
         read itself)."""
-        values: list[bytes | None] = [None] * len(keys)
+        values: list[BytesLike | None] = [None] * len(keys)
         missing = list(range(len(keys)))
-        for i in range(len(self.tiers)):
+        for i, tier in enumerate(self.tiers):
             if not missing:
                 break
             start = time.perf_counter()
-            got = self._tier_call(i, "load", [keys[j] for j in missing])
+            batch = [keys[j] for j in missing]
+            got: list[BytesLike | None] | None = None
+            with self._tier_errors(i, "load", batch[0]):
+                if staging is None or i == 0:
+                    got = list(tier.get_many(batch))
+                else:
+                    into = [staging[j] for j in missing]
+                    got = [b if ok else None for b, ok in
+                           zip(into, tier.get_many_into(batch, into), strict=True)]
             if got is None:
                 continue
             hits = [(j, v) for j, v in zip(missing, got, strict=True) if v is not None]
             self._count(i, loads=len(missing), load_hits=len(hits),
-                        load_bytes=sum(len(v) for _, v in hits),
+                        load_bytes=sum(memoryview(v).nbytes for _, v in hits),
                         load_seconds=time.perf_counter() - start)
             for j, v in hits:
                 values[j] = v
                 if i > 0 and self._reloaded(keys[j]):
-                    self._promote(keys[j], v, i)
+                    self._promote(keys[j], bytes(v), i)
             missing = [j for j in missing if values[j] is None]
         n = missing[0] if missing else len(keys)
         return [v for v in values[:n] if v is not None]
@@ -171,27 +185,16 @@ class TieredStore:
                 self._loaded.popitem(last=False)
         return again
 
-    @overload
-    def _tier_call(self, i: int, op: Literal["lookup"],
-                   batch: list[ChunkKey]) -> list[bool] | None: ...
-
-    @overload
-    def _tier_call(self, i: int, op: Literal["load"],
-                   batch: list[ChunkKey]) -> list[bytes | None] | None: ...
-
-    def _tier_call(self, i: int, op: Literal["lookup", "load"],
-                   batch: list[ChunkKey]) -> list[bool] | list[bytes | None] | None:
-        """Tier ``i``'s ``contains_many`` (lookup) or ``get_many`` (load) of ``batch``, or
-        None when the tier is bypassed or fails (counted, and logged now and then as
-        ``_failed`` does, naming the batch's first key)."""
-        tier = self.tiers[i]
+    @contextlib.contextmanager
+    def _tier_errors(self, i: int, op: str, key: ChunkKey) -> Iterator[None]:
+        """A tier call whose failure is a miss: a bypassed tier counts as skipped, an
+        OSError as ``_failed`` counts (and now and then logs) it, naming ``key``."""
         try:
-            return tier.contains_many(batch) if op == "lookup" else tier.get_many(batch)
+            yield
         except TierUnavailable:
             self._count(i, skipped=1)
         except OSError as e:
-            self._failed(i, op, batch[0], e)
-        return None
+            self._failed(i, op, key, e)
 
     def locate(self, key: ChunkKey) -> int | None:
         """Index of the fastest tier holding ``key``, or None. Does not change recency.
