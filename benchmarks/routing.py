@@ -12,8 +12,13 @@ Reported per policy: mean/p50/p99 TTFT, the decoders' prefix hit rate as vLLM co
 next to what the gateway's index predicted when routing, the share of prompt tokens
 computed anywhere, the prefill-hop decisions, and the busiest/least busy decoder's share.
 
-    .venv/bin/python -m benchmarks.routing [--users 9] [--rounds 8] [--qps 0.12 | --concurrency 4]
-        [--scenarios sharegpt,skewed] [--section routing]
+    .venv/bin/python -m benchmarks.routing [--users 8] [--rounds 6] [--load 0.85 | --qps 0.12 |
+        --closed-loop] [--concurrency 4] [--scenarios sharegpt,skewed] [--section routing]
+
+By default it first measures capacity: each deployment serves other users' conversations
+closed loop (``--concurrency`` in flight; round-robin's throughput is the capacity), then
+both policies get open-loop Poisson arrivals at ``--load`` (85%) of that capacity, so the
+offered load follows the machine instead of a rate tuned to one.
 
 Writes its table into benchmarks/RESULTS.md and prints, last,
 ``routing: ttft_round_robin/ttft_kv_aware=<ratio>`` (the sharegpt scenario).
@@ -100,31 +105,49 @@ def measure(dep, workload, load: LoadConfig) -> dict:
             / max(1.0, prompt),
             "computed_share": computed / max(1.0, prompt),
             "decisions": {k: v for k, v in per_label("disagg_decisions").items() if v},
-            "load_ratio": loads[-1] / max(1.0, loads[0]), "decode_requests": loads}
+            "load_ratio": loads[-1] / max(1.0, loads[0]), "decode_requests": loads,
+            "requests_per_s": report.requests_per_s}
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
+def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, dict]], dict[str, float]]:
+    """Both policies on the scenarios; returns (results by scenario and policy, capacity
+    by policy in requests/s, measured closed loop on other users' conversations)."""
     from disagg.launch.api import launch  # the launcher is heavy (imports Ray): only when run
 
     tok = load_tokenizer(prepare_model(args.model))
-    chat = ShareGptParams(num_users=args.users, max_rounds=args.rounds,
-                          max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=32)
+
+    def chat(skip: int) -> ShareGptParams:
+        return ShareGptParams(num_users=args.users, skip_users=skip, max_rounds=args.rounds,
+                              max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=32)
+
     skew = DocQAParams(num_docs=6, doc_tokens=args.doc_tokens, uses_per_doc=8,
                        output_tokens=16, hot_fraction=0.75)
-    workloads = {"sharegpt": lambda: build_workload("sharegpt", tok, chat=chat),
+    workloads = {"sharegpt": lambda: build_workload("sharegpt", tok, chat=chat(0)),
                  "skewed": lambda: build_workload("doc-analysis", tok, doc=skew,
                                                   num_requests=args.skew_requests)}
     workloads = {k: build() for k, build in workloads.items() if k in args.scenarios}
+    calibration = build_workload("sharegpt", tok, chat=chat(args.users))
     results: dict[str, dict[str, dict]] = {name: {} for name in workloads}
+    capacity: dict[str, float] = {}
+    qps = args.qps
     for policy in POLICIES:
         with launch(topology(args.model, policy)) as dep:
+            if not args.closed_loop:
+                # Both deployments run the calibration (same warm-up for both); round-robin
+                # goes first and its closed-loop throughput sets the open-loop rate.
+                cal = measure(dep, calibration, LoadConfig(concurrency=args.concurrency,
+                                                           progress=False))
+                capacity[policy] = cal["requests_per_s"]
+                print(f"{policy} capacity: {capacity[policy]:.3f} req/s", flush=True)
+                qps = qps or args.load * capacity[POLICIES[0]]
             for name, wl in workloads.items():
-                load = LoadConfig(qps=args.qps, progress=False) if args.qps else \
-                    LoadConfig(concurrency=args.concurrency, progress=False)
+                load = LoadConfig(concurrency=args.concurrency, progress=False) \
+                    if args.closed_loop else LoadConfig(qps=qps, progress=False)
                 r = measure(dep, wl, load)
+                r["load"] = load.label
                 results[name][policy] = r
                 print(f"{policy} {name}: {r}", flush=True)
-    return results
+    return results, capacity
 
 
 def render(results: dict[str, dict[str, dict]], command: str) -> str:
@@ -153,21 +176,34 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=3000)
     ap.add_argument("--doc-tokens", type=int, default=800, help="skewed: document length")
     ap.add_argument("--skew-requests", type=int, default=40)
-    ap.add_argument("--concurrency", type=int, default=4, help="closed loop: in flight")
+    ap.add_argument("--concurrency", type=int, default=4,
+                    help="in flight in the closed loop (capacity, or --closed-loop)")
+    ap.add_argument("--load", type=float, default=0.85,
+                    help="open-loop rate as a share of round-robin's measured capacity")
     ap.add_argument("--qps", type=float, default=None,
-                    help="open loop instead: Poisson arrivals at this rate")
+                    help="open-loop rate in req/s instead of --load x capacity")
+    ap.add_argument("--closed-loop", action="store_true",
+                    help="offer --concurrency in flight instead of open-loop Poisson arrivals")
     ap.add_argument("--scenarios", type=lambda v: v.split(","), default=["sharegpt", "skewed"],
                     help="comma-separated: sharegpt, skewed")
     ap.add_argument("--section", default="routing", help="RESULTS.md section to write")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = ap.parse_args()
-    results = run(args)
+    results, capacity = run(args)
     cmd = "python -m benchmarks.routing " + " ".join(sys.argv[1:])
     table = render(results, cmd.strip())
+    first = next(iter(results.values()))[POLICIES[0]]["load"]
+    offered = (f"{args.concurrency} in flight" if args.closed_loop else
+               f"open-loop Poisson arrivals, {first}"
+               + (f" ({args.load:.0%} of round-robin's capacity)" if capacity and not args.qps
+                  else ""))
+    measured = ("" if not capacity else
+                "Capacity, closed loop with " f"{args.concurrency} in flight on "
+                f"{args.users} other users' conversations (the same calibration run on both "
+                "deployments, also their warm-up): "
+                + ", ".join(f"{p} {c:.3f} req/s" for p, c in capacity.items()) + ".\n\n")
     body = ("## Routing: kv_aware against round_robin, 2P2D `small` (eager), "
-            + (f"Poisson arrivals at {args.qps:g} req/s" if args.qps
-               else f"{args.concurrency} in flight")
-            + f", sharegpt up to {args.rounds} rounds per user\n\n"
+            f"{offered}, sharegpt up to {args.rounds} rounds per user\n\n" + measured +
             "Both policies in the same run, each on a fresh deployment (prefill and decode "
             "chosen by the policy named; conditional disaggregation at its default "
             "threshold). Decoder prefix hit: prompt tokens the decoders found in their own "
@@ -177,6 +213,11 @@ def main() -> None:
             f"{table}")
     update_results_md(args.results, args.section, body)
     print(table)
+    if "skewed" in results:
+        skewed = results["skewed"]
+        print(f"routing: skewed ttft_kv_aware/ttft_round_robin="
+              f"{skewed['kv_aware']['ttft_mean'] / max(1e-9, skewed['round_robin']['ttft_mean']):.2f}"
+              " (goal: at most 1)")
     if "sharegpt" not in results:
         return
     chat = results["sharegpt"]

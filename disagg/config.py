@@ -222,8 +222,9 @@ class SchedulerConfig(_Strict):
         "prefill_policy).",
     )
     policy_options: dict[str, dict[str, float | int | str | bool]] = Field(
-        default_factory=dict, description="Options per policy name, e.g. {kv_aware: "
-        "{queue_tokens: 512}}; each policy declares (and validates) its own.",
+        default_factory=dict, description="Options per policy name; each policy declares "
+        "(and validates) its own. The built-in policies take none: kv_aware learns its "
+        "rates online.",
     )
     min_remote_prefill_tokens: Annotated[int, Field(ge=0)] = Field(
         256, description="Conditional disaggregation: a request whose prompt the chosen "
@@ -246,10 +247,12 @@ class SchedulerConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _legacy_kv_aware_keys(cls, data: Any) -> Any:
-        """``kv_aware_queue_tokens`` / ``kv_aware_store_load_cost`` (the earlier spelling)
-        become ``policy_options.kv_aware.queue_tokens`` / ``.store_load_cost``."""
-        if not isinstance(data, dict) or not any(k.startswith("kv_aware_") for k in data):
-            return data
+        """``kv_aware_queue_tokens`` / ``kv_aware_store_load_cost`` (an earlier spelling of
+        options kv_aware no longer has): say so, rather than 'extra inputs'."""
+        if isinstance(data, dict) and (old := [k for k in data if k.startswith("kv_aware_")]):
+            raise ValueError(f"{', '.join(old)}: kv_aware learns each instance's prefill and "
+                             "store load rates online and has no weights to set; remove them")
+        return data
         data = dict(data)
         options = dict(data.get("policy_options") or {})
         kv_aware = dict(options.get("kv_aware") or {})

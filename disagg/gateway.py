@@ -386,6 +386,7 @@ class Gateway:
         self._record(info, decoder, decision)
         self._expect(decoder, info)
         kv_params = await self._prefill(path, body, info) if decision.remote else None
+        info.prefilled = kv_params is not None
         return await self._decode(path, payload.with_params(kv_params), body.get("stream"),
                                   info, start, decoder)
 
@@ -479,7 +480,7 @@ class Gateway:
             pbody["max_completion_tokens"] = 1
         t0 = time.perf_counter()
         self.metrics.routed.labels("prefill", member.key).inc()
-        with member.admit():
+        with member.admit(info.local_tokens(member.info.engine_id)):
             try:
                 status, content = await member.while_up(post_json(
                     self._client, member.info.url + path, dumps(pbody), info.request_id))
@@ -523,7 +524,7 @@ class Gateway:
             # The prefill's KV goes along wherever the request lands (every instance is
             # kv_both): another instance pulls it, the one that prefilled it finds it in its
             # own cache; either way its held copy is freed now, not at lease expiry.
-            inflight = member.admit()
+            inflight = member.admit(info.local_tokens(member.info.engine_id))
             try:
                 answer = await member.while_up(open_answer(
                     self._client, member.info.url + path, dbody, info.request_id,

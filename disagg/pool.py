@@ -25,7 +25,8 @@ from disagg.aio import Stopped, unless
 from disagg.instance import InstanceInfo, parse_load
 from disagg.metrics import GatewayMetrics
 from disagg.scheduler.base import Candidate
-from disagg.scrape import Series
+from disagg.scheduler.rates import RateMeter
+from disagg.scrape import Series, total
 from disagg.scrape import parse as parse_metrics
 
 logger = logging.getLogger(__name__)
@@ -49,15 +50,18 @@ class Inflight:
     relocated meanwhile (restart) is still the one credited back.
     """
 
-    __slots__ = ("_member",)
+    __slots__ = ("_member", "_tokens")
 
-    def __init__(self, member: Member):
+    def __init__(self, member: Member, tokens: float = 0):
         self._member: Member | None = member
+        self._tokens = tokens  # prompt tokens the member computes for this request
         member.candidate.inflight += 1
+        member.candidate.pending_tokens += tokens
 
     def release(self) -> None:
         if self._member is not None:
             self._member.candidate.inflight -= 1
+            self._member.candidate.pending_tokens -= self._tokens
             self._member = None
 
     def __enter__(self) -> Inflight:
@@ -80,6 +84,8 @@ class Member:
     progress_at: float = 0.0  # when they last changed (or the instance was idle)
     kv_links: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
     # (prefill engine id, UCX transport) -> bytes, seconds, pulls, failures, from its metrics
+    prefill_meter: RateMeter = field(default_factory=RateMeter)  # -> candidate.prefill_rate
+    load_meter: RateMeter = field(default_factory=RateMeter)  # -> candidate.load_rate
 
     _down: asyncio.Event | None = field(default=None, repr=False)
 
@@ -104,15 +110,18 @@ class Member:
             raise InstanceDown(f"instance {self.key} ({self.info.engine_id}) went down") \
                 from None
 
-    def admit(self) -> Inflight:
-        """Count one more request in flight on this member until the result is released."""
-        return Inflight(self)
+    def admit(self, tokens: float = 0) -> Inflight:
+        """Count one more request in flight on this member until the result is released,
+        and ``tokens`` (the prompt tokens it computes for it) as work pending there."""
+        return Inflight(self, tokens)
 
     def relocate(self, info: InstanceInfo) -> None:
         self.info = info
         self.stalled, self.progress = False, -1.0
-        inflight = self.candidate.inflight
-        self.candidate = Candidate(info.engine_id, info.url, inflight=inflight)
+        old = self.candidate
+        self.candidate = Candidate(info.engine_id, info.url, inflight=old.inflight,
+                                   pending_tokens=old.pending_tokens,
+                                   prefill_rate=old.prefill_rate, load_rate=old.load_rate)
 
 
 class InstancePool:
@@ -212,6 +221,12 @@ class InstancePool:
         self._track_progress(m, _tokens_done(series),
                              busy=load.running + load.waiting + c.inflight > 0)
         counters = _disagg_counters(series)
+        m.prefill_meter.observe(
+            total(series, "vllm:prompt_tokens_by_source", source="local_compute"),
+            total(series, "vllm:request_prefill_time_seconds_sum"))
+        m.load_meter.observe(counters.get("store_loaded_tokens", 0),
+                             counters.get("store_load_seconds", 0))
+        c.prefill_rate, c.load_rate = m.prefill_meter.rate, m.load_meter.rate
         self._metrics.kv_bytes.labels(m.key).set(counters.get("kv_bytes_received", 0))
         self._metrics.kv_seconds.labels(m.key).set(counters.get("kv_transfer_seconds", 0))
         self._metrics.kv_failures.labels(m.key).set(counters.get("kv_transfer_failures", 0))

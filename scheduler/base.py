@@ -25,6 +25,12 @@ class Candidate:
     running: float = 0  # from the instance's own metrics (may lag)
     waiting: float = 0
     kv_usage: float = 0
+    # Prompt tokens the instance computes for the requests the gateway has in flight there
+    # (what a new request waits behind).
+    pending_tokens: float = 0
+    # Learned online from the instance's counters (``scheduler.rates``); None: not measured.
+    prefill_rate: float | None = None  # prompt tokens computed per second
+    load_rate: float | None = None  # tokens loaded from the KV store per second
 
 
 @dataclass(slots=True)
@@ -40,6 +46,16 @@ class RequestInfo:
     # engine_id -> prompt tokens beyond its prefix hit that KV store tiers it can load from
     # hold (loaded, not computed: cheap but not free)
     store_tokens: dict[str, int] = field(default_factory=dict)
+
+    # Set by the gateway once a prefill instance computed the prompt for the decoder.
+    prefilled: bool = False
+
+    def local_tokens(self, engine_id: str) -> int:
+        """Prompt tokens ``engine_id`` computes for this request (0 when unknown, or for a
+        decoder whose prompt a prefill instance computed): the work it adds there."""
+        if self.prefilled:
+            return 0
+        return max(0, self.uncached_tokens(engine_id) or 0)
 
     def uncached_tokens(self, engine_id: str) -> int | None:
         """Prompt tokens ``engine_id`` would have to compute: neither in its own cache nor

@@ -1,60 +1,69 @@
-"""KV-aware: the instance where this request costs least, counting work it would redo.
+"""KV-aware: the instance where this request's first token comes soonest, in seconds.
 
-    cost(c) = uncached_prompt_tokens(c) + store_load_cost * store_tokens(c)
-              + queue_tokens * queue(c)
+    cost(c) = (pending_tokens(c) + uncached_tokens(c)) / prefill_rate(c)
+              + store_tokens(c) / load_rate(c)
 
-``uncached_prompt_tokens`` is the prompt minus the prefix ``c`` already holds (the gateway's
-prefix index, from vLLM's KV events) and minus what the KV store tiers ``c`` can load from
-hold beyond it (``store_tokens``, from the connector's save events); a stored token costs
-``store_load_cost`` of a computed one (measured: an 8K-token prompt loads from disk or
-Redis in 0.6-1.4 s against 80 s to compute, under 0.02; 0.05 leaves margin). ``queue(c)``
-is the requests ahead of a new one (the gateway's own in-flight count, or the instance's
-running + waiting when larger). The queue term is what stops a popular prefix from piling
-every request onto one instance: once its queue costs more than recomputing the prefix
-elsewhere, the next instance takes it (and then holds that prefix too). Ties rotate.
-Without token information (the gateway could not tokenize) it degrades to least-queue.
+``uncached_tokens`` is the prompt minus the prefix ``c`` already holds (the gateway's prefix
+index, from vLLM's KV events) and minus what the KV store tiers ``c`` can load from hold
+beyond it (``store_tokens``, from the connector's save events). ``pending_tokens`` is the
+work ahead of the request on ``c``: the prompt tokens of the requests the gateway has sent
+there and not seen finish, each counted as what ``c`` had to compute for it. The queue is
+what stops a popular prefix from piling every request onto one instance: once the wait
+behind it outlasts recomputing the prefix elsewhere, the next instance takes it (and then
+holds that prefix too).
+
+Both rates are learned online from each instance's own counters (``disagg.pool`` feeds
+``scheduler.rates.RateMeter``s), so the trade-off holds on a fast machine and a slow one
+alike, with no weight tuned to either. Until an instance has been measured it is assumed as
+fast as the median measured instance (a fresh replica on the same hardware); before any
+measurement costs are in tokens (rate 1) and a stored token costs ``1 / PRIOR_LOAD_SPEEDUP``
+of a computed one. Ties rotate. Without token information (the gateway could not tokenize)
+it degrades to least-queue.
 """
 
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections.abc import Sequence
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from disagg.scheduler.base import Candidate, Policy, RequestInfo
 from disagg.scheduler.decider import queue_depth
 
-
-class KVAwareOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    queue_tokens: float = Field(
-        512.0, ge=0, description="Prompt tokens one queued request is worth; higher spreads "
-        "load sooner, lower follows cached prefixes longer.",
-    )
-    store_load_cost: float = Field(
-        0.05, ge=0, le=1, description="Cost of loading a token from the KV store, relative "
-        "to computing it.",
-    )
+# Before any load is measured: a store load assumed this many times faster than computing
+# (measured loads run 20-200x faster than a prefill; a prior only, replaced by the first
+# measurement of any instance).
+PRIOR_LOAD_SPEEDUP = 10.0
 
 
 class KVAware(Policy):
     name = "kv_aware"
-    Options = KVAwareOptions
 
-    def __init__(self, queue_tokens: float = 512.0, store_load_cost: float = 0.05) -> None:
-        self.queue_tokens = queue_tokens
-        self.store_load_cost = store_load_cost
+    def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def cost(self, c: Candidate, request: RequestInfo) -> float:
+    def cost(self, c: Candidate, request: RequestInfo, prefill_rate: float = 1.0,
+             load_rate: float = PRIOR_LOAD_SPEEDUP) -> float:
+        """Seconds until ``request``'s first token on ``c`` (rates: the priors for an
+        instance not measured yet)."""
         uncached = request.uncached_tokens(c.engine_id) or 0
         stored = request.store_tokens.get(c.engine_id, 0)
-        return (uncached + self.store_load_cost * stored
-                + self.queue_tokens * (queue_depth(c) + c.kv_usage))
+        prefill = c.prefill_rate or prefill_rate
+        return (c.pending_tokens + uncached) / prefill + stored / (c.load_rate or load_rate)
 
     def choose(self, candidates: Sequence[Candidate], request: RequestInfo) -> Candidate:
         k = next(self._turn) % len(candidates)
         ordered = [*candidates[k:], *candidates[:k]]
-        return min(ordered, key=lambda c: self.cost(c, request))
+        if request.prompt_tokens is None:
+            return min(ordered, key=queue_depth)
+        prefill, load = priors(candidates)
+        return min(ordered, key=lambda c: self.cost(c, request, prefill, load))
+
+
+def priors(candidates: Sequence[Candidate]) -> tuple[float, float]:
+    """(prefill rate, load rate) assumed for an instance not measured yet: the median of
+    the measured ones; before any, 1 and ``PRIOR_LOAD_SPEEDUP`` (costs in tokens)."""
+    prefill = [c.prefill_rate for c in candidates if c.prefill_rate]
+    load = [c.load_rate for c in candidates if c.load_rate]
+    p = statistics.median(prefill) if prefill else 1.0
+    return p, statistics.median(load) if load else p * PRIOR_LOAD_SPEEDUP

@@ -43,21 +43,38 @@ def test_kv_aware_prefers_the_instance_holding_the_prefix():
     assert all(kv.choose(cands, info).engine_id == "e1" for _ in range(6))
 
 
-def test_kv_aware_spills_a_hot_prefix_when_its_queue_grows():
+def _admit(c: Candidate, info: RequestInfo) -> None:
+    """What the gateway does with a routed request: its computed tokens become pending."""
+    c.inflight += 1
+    c.pending_tokens += info.uncached_tokens(c.engine_id) or 0
+
+
+def test_kv_aware_spills_a_hot_prefix_once_its_queue_outlasts_recomputing():
     kv, cands = make_policy("kv_aware"), _cands(2)
     info = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e0": 1920})
     picks = []
-    for _ in range(8):  # closed loop: each pick stays in flight
+    for _ in range(40):  # closed loop: each pick stays in flight
         c = kv.choose(cands, info)
-        c.inflight += 1
+        _admit(c, info)
         picks.append(c.engine_id)
     counts = Counter(picks)
-    assert counts["e1"] >= 2 and counts["e0"] > counts["e1"]  # spilled, still favoured
-    # Once e1 holds the prefix too, load decides: the two even out.
-    info.cached_tokens["e1"] = 1920
-    for _ in range(8):
-        kv.choose(cands, info).inflight += 1
-    assert abs(cands[0].inflight - cands[1].inflight) <= 1
+    # e0 computes 80 tokens per request, e1 2000: e1 takes one once e0's queue is longer.
+    assert counts["e1"] >= 1 and counts["e0"] >= 24
+    assert cands[0].pending_tokens <= cands[1].pending_tokens + 2000 + 80
+
+
+def test_kv_aware_counts_seconds_with_each_instances_learned_rate():
+    kv, cands = make_policy("kv_aware"), _cands(2)
+    info = RequestInfo("r", prompt_tokens=2000)
+    cands[0].prefill_rate, cands[1].prefill_rate = 1000.0, 4000.0  # e1 four times faster
+    cands[1].pending_tokens = 5000  # 1.25 s of work ahead on e1 vs 0 on e0
+    assert kv.choose(cands, info).engine_id == "e1"  # 1.75 s < 2 s
+    cands[1].pending_tokens = 7000  # 2.25 s
+    assert kv.choose(cands, info).engine_id == "e0"
+    # Not measured yet: as fast as the median of the measured ones.
+    fresh = [*cands, Candidate("e2", "u2")]
+    fresh[0].pending_tokens = fresh[1].pending_tokens = 10_000
+    assert kv.choose(fresh, info).engine_id == "e2"
 
 
 def test_kv_aware_without_tokens_is_least_queue():
@@ -81,34 +98,28 @@ def test_session_affinity_is_sticky_and_moves_only_a_lost_instances_sessions():
     assert sess.choose(cands, RequestInfo("x")).engine_id == "e2"
 
 
-def test_kv_aware_credits_store_hits_as_cheap_but_not_free():
+def test_kv_aware_credits_store_hits_at_their_learned_load_rate():
     from disagg.scheduler.kv_aware import KVAware
 
     c = [Candidate("e0", "u0"), Candidate("e1", "u1")]
     info = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e1": 1000},
                        store_tokens={"e0": 1800})
     assert info.uncached_tokens("e0") == 200  # loadable from the store: not computed
-    assert KVAware().choose(c, info).engine_id == "e0"  # 200 + 0.05 * 1800 < 1000
+    assert KVAware().choose(c, info).engine_id == "e0"  # prior: 200 + 1800 / 10 < 1000
     both = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e1": 1800},
                        store_tokens={"e0": 1800})
     assert KVAware().choose(c, both).engine_id == "e1"  # its own cache beats loading
+    # A store measured barely faster than computing is not worth going for.
+    for x in c:
+        x.prefill_rate, x.load_rate = 1000.0, 1100.0
+    assert KVAware().choose(c, info).engine_id == "e1"  # 0.2 + 1.64 s > 1 s
 
 
-def test_kv_aware_options_come_from_the_topology():
-    sched = parse_topology({"scheduler": {"policy_options": {
-        "kv_aware": {"queue_tokens": 64, "store_load_cost": 0.2}}}}).scheduler
-    kv = make_policy("kv_aware", sched.policy_options.get("kv_aware"))
-    assert (kv.queue_tokens, kv.store_load_cost) == (64, 0.2)
-    c = [Candidate("e0", "u0", inflight=1), Candidate("e1", "u1")]
-    info = RequestInfo("r", prompt_tokens=1000, cached_tokens={"e0": 900})
-    assert kv.choose(c, info).engine_id == "e0"  # 100 + 64 < 1000
-    assert make_policy("kv_aware", {"queue_tokens": 2000}).choose(c, info).engine_id == "e1"
-
-
-def test_earlier_kv_aware_keys_still_load():
-    sched = parse_topology({"scheduler": {"kv_aware_queue_tokens": 64,
-                                          "kv_aware_store_load_cost": 0.2}}).scheduler
-    assert sched.policy_options == {"kv_aware": {"queue_tokens": 64, "store_load_cost": 0.2}}
+def test_kv_aware_has_no_weights_to_set():
+    with pytest.raises(TopologyError, match="learns each instance"):
+        parse_topology({"scheduler": {"kv_aware_queue_tokens": 64}})
+    with pytest.raises(TopologyError, match="queue_tokens"):
+        parse_topology({"scheduler": {"policy_options": {"kv_aware": {"queue_tokens": 64}}}})
 
 
 def test_every_registered_policy_declares_its_options():
@@ -121,8 +132,6 @@ def test_every_registered_policy_declares_its_options():
 @pytest.mark.parametrize(("data", "names"), [
     ({"policy_options": {"kv_aware": {"queue_tokenz": 1}}},
      ["scheduler.policy_options.kv_aware.queue_tokenz", "unknown field"]),
-    ({"policy_options": {"kv_aware": {"store_load_cost": 2}}},
-     ["scheduler.policy_options.kv_aware.store_load_cost", "less than or equal to 1"]),
     ({"policy_options": {"fastest": {}}}, ["scheduler.policy_options.fastest", "kv_aware"]),
     ({"prefill_policy": "random"}, ["scheduler.prefill_policy", "round_robin"]),
 ])

@@ -36,6 +36,7 @@ class ShareGptParams:
     """Scale of the multi-round workload."""
 
     num_users: int = 12
+    skip_users: int = 0  # qualifying users passed over first (a disjoint set of users)
     min_rounds: int = 6  # "more than five rounds"
     history_rounds: int = 2
     max_rounds: int = 8  # rounds sent per user at most (history included)
@@ -149,16 +150,22 @@ def sharegpt_requests(tok: PromptTokenizer, p: ShareGptParams) -> list[RequestSp
     """The multi-round workload: ``p.num_users`` users, turns interleaved round-robin.
 
     A user qualifies when its first ``min_rounds`` rounds fit in ``max_prompt_tokens``; users
-    are taken in file order. Raises ValueError if the data has too few such users.
+    are taken in file order, after the first ``skip_users`` qualifying ones. Raises
+    ValueError if the data has too few such users.
     """
     users: list[list[RequestSpec]] = []
     need = p.min_rounds - p.history_rounds
+    skip = p.skip_users
     for rounds in iter_conversations(p.path):
         if not _rough_fits(rounds, tok, p):
             continue
         turns = _user_turns(len(users), rounds, tok, p)
-        if len(turns) >= need:
-            users.append(turns)
+        if len(turns) < need:
+            continue
+        if skip:
+            skip -= 1
+            continue
+        users.append(turns)
         if len(users) == p.num_users:
             break
     if len(users) < p.num_users:
