@@ -38,6 +38,11 @@ Locate = Callable[[str], Awaitable[InstanceInfo | None]]
 Listener = Callable[["Member", InstanceInfo | None], None]
 
 
+# The engine metrics a poll reads (load, progress, learned rates, the connector's counters).
+POLLED = ("vllm:num_requests_", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens",
+          "vllm:generation_tokens", "vllm:request_prefill_time_seconds_sum", "vllm:disagg_")
+
+
 class InstanceDown(Exception):
     """The instance serving a request was marked down while the request waited on it."""
 
@@ -214,7 +219,7 @@ class InstancePool:
         self._metrics.instance_restarts.labels(m.info.role, m.key).set(m.info.restarts)
 
     def _observe(self, m: Member, text: str) -> None:
-        series = parse_metrics(text, "vllm:")
+        series = parse_metrics(text, "vllm:", only=POLLED)
         load = parse_load(series)
         c = m.candidate
         c.running, c.waiting, c.kv_usage = load.running, load.waiting, load.kv_usage
