@@ -94,3 +94,34 @@ def test_scale_on_a_worker_is_forwarded_to_the_launcher(dep):
     _, w1 = _urls(dep)
     r = httpx.post(w1 + "/v1/disagg/scale", json={"decode": 0}, timeout=60)
     assert r.status_code == 400 and "decode must be at least 1" in r.text, r.text
+
+
+def test_worker_1_finds_instances_by_their_actors(dep):
+    """How a worker follows an instance Ray or its watchdog restarted: its actor, by name."""
+    import asyncio
+
+    import ray
+
+    worker = ray.get_actor(f"{dep.name}-gateway-1")
+    for key, info in dep.instances.items():
+        found = ray.get(worker.__ray_call__.remote(
+            lambda self, k=key: asyncio.run(self._locate(k))), timeout=30)
+        assert found is not None and found.engine_id == info.engine_id
+
+
+def test_membership_changes_reach_every_worker(dep):
+    """What scaling does to the workers (join, drain, leave), without starting an engine:
+    an existing engine joins again under a second key."""
+    _, w1 = _urls(dep)
+    info = dep.instances["decode-1"]
+
+    def keys() -> dict[str, bool]:
+        return {i["key"]: i["draining"] for i in _status(w1)["instances"]}
+
+    dep._workers.add_instance("decode-9", info)
+    assert keys().get("decode-9") is False
+    dep._workers.set_draining("decode-9")
+    assert keys()["decode-9"] is True
+    assert dep._workers.inflight(["decode-9"]) == 0
+    dep._workers.remove_instance("decode-9")
+    assert "decode-9" not in keys()
