@@ -7,6 +7,7 @@ import asyncio
 import threading
 
 import httpx
+import pytest
 
 from disagg.metrics import GatewayMetrics
 from disagg.pool import InstancePool
@@ -70,3 +71,33 @@ def test_a_busy_instance_that_computes_nothing_leaves_routing_until_it_moves() -
             return seen
 
         assert asyncio.run(run()) == [True, False, True, True]
+
+
+def _metrics(computed: float, prefill_s: float, loaded: float, load_s: float) -> str:
+    return "\n".join([
+        "# TYPE vllm:prompt_tokens_by_source counter",
+        f'vllm:prompt_tokens_by_source_total{{source="local_compute"}} {computed}',
+        f'vllm:prompt_tokens_by_source_total{{source="local_cache_hit"}} {computed * 9}',
+        "# TYPE vllm:request_prefill_time_seconds histogram",
+        'vllm:request_prefill_time_seconds_bucket{le="+Inf"} 1',
+        f"vllm:request_prefill_time_seconds_sum {prefill_s}",
+        "vllm:request_prefill_time_seconds_count 1",
+        "# TYPE vllm:disagg_store_loaded_tokens counter",
+        f"vllm:disagg_store_loaded_tokens_total {loaded}",
+        "# TYPE vllm:disagg_store_load_seconds counter",
+        f"vllm:disagg_store_load_seconds_total {load_s}", ""])
+
+
+def test_polls_learn_each_instances_prefill_and_store_load_rates() -> None:
+    from disagg.pool import InstanceInfo
+
+    pool = InstancePool(GatewayMetrics())
+    pool.add("decode-0", InstanceInfo(role="decode", index=0, engine_id="e0",
+                                      url="http://127.0.0.1:1", side_channel_port=0, pid=0,
+                                      log_path=""))
+    m = pool.members["decode-0"]
+    pool._observe(m, _metrics(1000, 1.0, 0, 0))  # baseline: what ran before the gateway
+    assert m.candidate.prefill_rate is None and m.candidate.load_rate is None
+    pool._observe(m, _metrics(5000, 3.0, 8192, 0.1))  # 4000 computed in 2 s; 8192 in 0.1 s
+    assert m.candidate.prefill_rate == pytest.approx(2000)
+    assert m.candidate.load_rate == pytest.approx(81920)
