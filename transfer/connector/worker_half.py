@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.02  # longest an idle step blocks on the store (see _wait_if_idle)
+STORE_THREADS = 2  # store loads and saves run at once
 
 
 def _channel_key_from_env() -> bytes | None:
@@ -158,10 +159,11 @@ class ConnectorWorker:
         fp = fingerprint(self.compat, layout, self.tp_rank, self.model_id)
         codec = ChunkCodec(tensors, self.compat.block_size, st.chunk_tokens, fp)
         self.store = store = build_store(st)
-        self._store_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="disagg-store")
+        self._store_pool = ThreadPoolExecutor(max_workers=STORE_THREADS,
+                                              thread_name_prefix="disagg-store")
         stats = lambda: self._locked_stats  # noqa: E731  # store threads count under a lock
         self.loaders["store"] = StoreLoader(store, codec, stats, self._store_pool,
-                                            self._store_done)
+                                            self._store_done, threads=STORE_THREADS)
         self.saver = StoreSaver(store, codec, stats, self._store_pool, self._store_done)
         if self.tp_rank == 0:  # the scheduler asks rank 0 what the store holds
             self._lookup = LookupServer(self.engine_id, store, codec.keys,

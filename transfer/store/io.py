@@ -158,11 +158,12 @@ class StoreLoader(_StoreJobs[StoreLoadOrder], KVLoader[StoreLoadOrder]):
 
     def __init__(self, store: TieredStore, codec: ChunkCodec,
                  stats: Callable[[], StatsSink], pool: ThreadPoolExecutor,
-                 on_done: threading.Event | None = None):
+                 on_done: threading.Event | None = None, threads: int = 1):
+        """``threads``: how many loads ``pool`` may run at once (a staging buffer each)."""
         super().__init__(store, codec, stats, pool, on_done)
         self.per_batch = max(1, self.BATCH_BYTES // codec.chunk_bytes())
         self._staging: queue.SimpleQueue[list[memoryview]] = queue.SimpleQueue()
-        for _ in range(pool._max_workers):
+        for _ in range(threads):
             self._staging.put(self._slots())
 
     def _slots(self) -> list[memoryview]:
