@@ -63,13 +63,14 @@ def _touch(kv_caches: list[torch.Tensor]) -> None:
     """Fault in host KV memory now, before any request: vLLM's CPU cache is allocated but
     untouched, so the first pull or store load into a block otherwise pays a page fault per
     4 KiB on the request's path (in a VM: 70 ms for an 8K-token prompt of ``small``, as long
-    as the load itself). Nothing is in the cache yet; GPU memory needs no touching."""
+    as the load itself). Every byte is written back unchanged (adding 0 to its bits), so
+    whatever the cache holds stays; GPU memory needs no touching."""
     seen: set[int] = set()
     for t in kv_caches:
         if t.is_cuda or t.untyped_storage().data_ptr() in seen:
             continue
         seen.add(t.untyped_storage().data_ptr())
-        torch.zeros(0, dtype=torch.uint8).set_(t.untyped_storage()).zero_()
+        torch.zeros(0, dtype=torch.uint8).set_(t.untyped_storage()).add_(0)
 
 
 def _channel_key_from_env() -> bytes | None:
