@@ -14,7 +14,8 @@ run, with the same request bodies (short completions, greedy, not streamed):
   the table also shows it net of each process's background, measured while the engine alone
   is loaded (the pool then polls at its idle rate, so "net" still holds the busy polls);
 - throughput: ``--connections`` keep-alive connections in a closed loop for ``--seconds``,
-  against the engine, one gateway worker (its own address) and every worker (the shared port).
+  against the engine (first and last, averaged), one gateway worker (its own address) and
+  every worker (the shared port).
 
 The load generator is a separate process (a raw HTTP/1.1 client on asyncio: parsing an
 answer costs it a few tens of microseconds) so it shares no interpreter with the gateway;
@@ -40,6 +41,10 @@ from typing import Any
 from benchmarks.results_md import machine_info, update_results_md
 
 TICKS = os.sysconf("SC_CLK_TCK")
+# The gateway before issue 12 (httpx to engines, FastAPI on every route, every prompt
+# tokenized in a worker thread), measured by this benchmark's first version, api.workers 1.
+BEFORE = ("Before the gateway's CPU work (commit 52080c6, same machine and day, 1 worker): "
+          "CPU per request at load 2.34 ms, added p50 3.45 ms, throughput x0.89 of direct.")
 
 
 # ---- the load generator (its own process) ----------------------------------------------------
@@ -256,6 +261,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             res[f"{name}_rps"] = out["requests"] / out["seconds"]
             res[f"{name}_cpu_ms"] = used / max(out["requests"], 1) * 1e3
             res[f"{name}_net_cpu_ms"] = net / max(out["requests"], 1) * 1e3
+        # Direct once more, last: other load on the machine drifts; the mean brackets it.
+        again = run_client({**load, "url": engine})
+        res["direct_rps"] = (res["direct_rps"] + again["requests"] / again["seconds"]) / 2
     return res
 
 
@@ -300,7 +308,9 @@ def main() -> None:
     if args.client:
         client_main(args.client)
         return
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     r = measure(args)
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
     cmd = ("python -m benchmarks.gateway " + " ".join(sys.argv[1:])).strip()
     table = render(r, cmd)
     body = (f"## Gateway overhead: `tiny`, decode-only, short completions\n\nMachine: "
@@ -308,7 +318,9 @@ def main() -> None:
             f"{r['workers']}) and the load generator (its own process) share the remaining "
             f"core(s) with it, so at load the client's own CPU competes with the gateway's: "
             f"throughput ratios are lower bounds. CPU from /proc/<pid>/stat of the gateway "
-            f"processes, idle background included.\n\n{table}")
+            f"processes, idle background included. Load average (1/5/15 min) before and after "
+            f"the run: {'/'.join(load_before)}, {'/'.join(load_after)}: other work on the "
+            f"machine competes too.\n\n{table}\n\n{BEFORE}")
     update_results_md(args.results, "gateway", body)
     print(table)
     print(json.dumps(r))
