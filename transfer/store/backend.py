@@ -120,6 +120,10 @@ class StoreBackend(ABC):
     """One tier. Subclasses set ``name`` and implement the abstract methods."""
 
     name: str = "backend"
+    # get_many_into reads straight into the caller's buffers (no allocation, no copy); when
+    # False it copies what get_many returned, and callers with their own use for the values
+    # (a scatter) are better off taking those.
+    reads_in_place: bool = False
 
     def __init__(self, capacity_bytes: int) -> None:
         if capacity_bytes <= 0:

@@ -140,6 +140,7 @@ class DiskBackend(StoreBackend):
     ``put``, ``delete`` and rescans, which run under the directory's flock."""
 
     name = "disk"
+    reads_in_place = True
 
     def __init__(self, path: str | os.PathLike[str], capacity_bytes: int) -> None:
         super().__init__(capacity_bytes)

@@ -137,8 +137,9 @@ class TieredStore:
         """The values of the leading ``keys`` that some tier holds (stops at the first key
         none holds): one batched read per tier, each asking only what the tiers above
         missed. With ``staging`` (a writable buffer per key, each the size of its value),
-        tiers below the first read into it (``get_many_into``: a disk tier without any
-        allocation) and the values returned are those buffers; tier 0's are its own.
+        tiers that read in place (a disk tier: ``readinto``, no allocation) read into it and
+        their values are those buffers; other tiers' values are their own (a copy into
+        staging would only add a pass over the bytes).
 
         A hit below tier 0 is promoted (as ``get`` does) only on its second load within the
         last ``RELOADS_TRACKED`` loads: a batch goes straight into the engine's own KV cache,
@@ -155,7 +156,7 @@ class TieredStore:
             batch = [keys[j] for j in missing]
             got: list[BytesLike | None] | None = None
             with self._tier_errors(i, "load", batch[0]):
-                if staging is None or i == 0:
+                if staging is None or not tier.reads_in_place:
                     got = list(tier.get_many(batch))
                 else:
                     into = [staging[j] for j in missing]
