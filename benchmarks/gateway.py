@@ -182,17 +182,21 @@ def gateway_workers(dep: Any) -> list[dict]:
     return workers or [{"index": 0, "pid": os.getpid(), "url": dep.url}]
 
 
-def poll_parse_ms(url: str, headers: dict[str, str]) -> tuple[float, int]:
-    """What one pool poll of ``url`` costs a gateway in parsing (ms), and the text's size:
-    every worker parses every engine's /metrics each poll interval."""
+def poll_parse_ms(url: str, headers: dict[str, str]) -> tuple[float, float, int]:
+    """What one pool poll of ``url`` costs a gateway in parsing (ms) as the pool parses it
+    (only the series it reads) and unfiltered, and the text's size: every worker parses
+    every engine's /metrics each poll interval."""
     import timeit
 
     import httpx
 
+    from disagg.pool import POLLED
     from disagg.scrape import parse
 
     text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
-    return timeit.timeit(lambda: parse(text, "vllm:"), number=5) / 5 * 1e3, len(text)
+    polled = timeit.timeit(lambda: parse(text, "vllm:", only=POLLED), number=5) / 5
+    everything = timeit.timeit(lambda: parse(text, "vllm:"), number=5) / 5
+    return polled * 1e3, everything * 1e3, len(text)
 
 
 class Meter:
@@ -243,7 +247,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                "direct_rps": direct["requests"] / direct["seconds"],
                                "client_cpu_ms": direct["client_cpu_s"] / direct["requests"] * 1e3,
                                "background_cpu_ms_per_s": sum(meter.background.values()) * 1e3}
-        res["poll_parse_ms"], res["metrics_bytes"] = poll_parse_ms(engine, base["headers"])
+        res["poll_parse_ms"], res["full_parse_ms"], res["metrics_bytes"] = poll_parse_ms(
+            engine, base["headers"])
         lat, used, net = meter.busy([pids[0]], lambda: run_client(
             {**base, "mode": "latency", "rounds": args.requests,
              "urls": {"direct": engine, "gateway": w0}}))
@@ -285,7 +290,7 @@ def render(r: dict[str, Any], command: str) -> str:
         f"{r['background_cpu_ms_per_s']:.0f} |",
         f"| one pool poll: parsing the engine's /metrics ({r['metrics_bytes'] / 1024:.0f} KiB), "
         f"per worker per engine every 0.5 s busy / 2 s idle (ms) | - | "
-        f"{r['poll_parse_ms']:.1f} |",
+        f"{r['poll_parse_ms']:.1f} (unfiltered: {r['full_parse_ms']:.1f}) |",
     ]
     if "gateway_all_rps" in r:
         rows += [f"| throughput, {r['workers']} gateway workers (req/s) | "
