@@ -67,6 +67,14 @@ class RequestHasher:
         from transformers import AutoTokenizer  # heavy: only when a gateway is built
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        # The Rust tokenizer behind a fast HF tokenizer: the same ids as calling the
+        # tokenizer (no truncation or padding here), without ~80 us of Python per request.
+        self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._backend is not None:
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def tokenize(self, path: str, body: dict[str, Any]) -> list[int] | None:
         if path.endswith("/chat/completions"):
@@ -76,7 +84,7 @@ class RequestHasher:
             prompt = prompt[0]
         if isinstance(prompt, str):
             add = body.get("add_special_tokens", True)
-            return self.tokenizer(prompt, add_special_tokens=bool(add))["input_ids"]
+            return self._encode(prompt, bool(add))
         if isinstance(prompt, list) and prompt and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             return list(prompt)
@@ -107,4 +115,4 @@ class RequestHasher:
         except Exception:  # no template / template error: the server will say so
             return None
         add = bool(body.get("add_special_tokens", False))
-        return self.tokenizer(text, add_special_tokens=add)["input_ids"]
+        return self._encode(text, add)

@@ -217,3 +217,19 @@ def test_store_holders_are_bounded_by_their_capacity_and_extend_a_prefix():
     assert idx.match("e1", [3], also=["store:redis"]) == 1
     assert idx.match("e1", [4], also=["store:redis"]) == 0
     idx.check_integrity()
+
+
+def test_request_hasher_tokenizes_as_the_hf_tokenizer_does(tiny_model):
+    """The gateway encodes with the Rust tokenizer directly: same ids as the HF call."""
+    from disagg.scheduler.hashing import RequestHasher
+
+    h = RequestHasher(tiny_model)
+    text = "The quick brown fox, 12 jumps; über naïve café!\nNext line."
+    for add in (True, False):
+        want = h.tokenizer(text, add_special_tokens=add)["input_ids"]
+        body = {"prompt": text, "add_special_tokens": add}
+        assert h.tokenize("/v1/completions", body) == want
+    msgs = [{"role": "user", "content": text}]
+    chat = h.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert h.tokenize("/v1/chat/completions", {"messages": msgs}) == h.tokenizer(
+        chat, add_special_tokens=False)["input_ids"]
