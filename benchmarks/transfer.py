@@ -48,12 +48,16 @@ DTYPE = torch.bfloat16
 
 
 def _caches(num_blocks: int, fill: bool) -> list[torch.Tensor]:
-    """Per-layer KV tensors; ``fill`` gives the same random contents in every process."""
+    """Per-layer KV tensors as vLLM lays them out: views of one backing allocation, layer
+    after layer (``vllm.v1.worker.utils``); ``fill`` gives the same random contents in every
+    process."""
     shape = (num_blocks, KV_HEADS, BLOCK, 2 * HEAD_DIM)  # vLLM CPU layout
-    if not fill:
-        return [torch.zeros(shape, dtype=DTYPE) for _ in range(LAYERS)]
-    gen = torch.Generator().manual_seed(1234)
-    return [torch.randn(shape, generator=gen).to(DTYPE) for _ in range(LAYERS)]
+    if fill:
+        gen = torch.Generator().manual_seed(1234)
+        backing = torch.randn((LAYERS, *shape), generator=gen).to(DTYPE)
+    else:
+        backing = torch.zeros((LAYERS, *shape), dtype=DTYPE)
+    return list(backing.unbind(0))
 
 
 def _compat(num_blocks: int) -> Compat:
