@@ -524,7 +524,7 @@ class Gateway:
             # The prefill's KV goes along wherever the request lands (every instance is
             # kv_both): another instance pulls it, the one that prefilled it finds it in its
             # own cache; either way its held copy is freed now, not at lease expiry.
-            inflight = member.admit(info.local_tokens(member.info.engine_id))
+            inflight = member.admit(info.local_tokens(member.info.engine_id), decoding=True)
             try:
                 answer = await member.while_up(open_answer(
                     self._client, member.info.url + path, dbody, info.request_id,

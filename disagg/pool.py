@@ -40,7 +40,9 @@ Listener = Callable[["Member", InstanceInfo | None], None]
 
 # The engine metrics a poll reads (load, progress, learned rates, the connector's counters).
 POLLED = ("vllm:num_requests_", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens",
-          "vllm:generation_tokens", "vllm:request_prefill_time_seconds_sum", "vllm:disagg_")
+          "vllm:generation_tokens", "vllm:request_prefill_time_seconds_sum",
+          "vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count",
+          "vllm:disagg_")
 
 
 class InstanceDown(Exception):
@@ -55,18 +57,21 @@ class Inflight:
     relocated meanwhile (restart) is still the one credited back.
     """
 
-    __slots__ = ("_member", "_tokens")
+    __slots__ = ("_member", "_tokens", "_decoding")
 
-    def __init__(self, member: Member, tokens: float = 0):
+    def __init__(self, member: Member, tokens: float = 0, decoding: bool = False):
         self._member: Member | None = member
         self._tokens = tokens  # prompt tokens the member computes for this request
+        self._decoding = int(decoding)  # the member generates its answer
         member.candidate.inflight += 1
         member.candidate.pending_tokens += tokens
+        member.candidate.decoding += self._decoding
 
     def release(self) -> None:
         if self._member is not None:
             self._member.candidate.inflight -= 1
             self._member.candidate.pending_tokens -= self._tokens
+            self._member.candidate.decoding -= self._decoding
             self._member = None
 
     def __enter__(self) -> Inflight:
@@ -91,6 +96,7 @@ class Member:
     # (prefill engine id, UCX transport) -> bytes, seconds, pulls, failures, from its metrics
     prefill_meter: RateMeter = field(default_factory=RateMeter)  # -> candidate.prefill_rate
     load_meter: RateMeter = field(default_factory=RateMeter)  # -> candidate.load_rate
+    step_meter: RateMeter = field(default_factory=RateMeter)  # -> 1 / candidate.step_s
 
     _down: asyncio.Event | None = field(default=None, repr=False)
 
@@ -115,18 +121,20 @@ class Member:
             raise InstanceDown(f"instance {self.key} ({self.info.engine_id}) went down") \
                 from None
 
-    def admit(self, tokens: float = 0) -> Inflight:
+    def admit(self, tokens: float = 0, decoding: bool = False) -> Inflight:
         """Count one more request in flight on this member until the result is released,
-        and ``tokens`` (the prompt tokens it computes for it) as work pending there."""
-        return Inflight(self, tokens)
+        ``tokens`` (the prompt tokens it computes for it) as work pending there, and, with
+        ``decoding``, one more request it generates for."""
+        return Inflight(self, tokens, decoding)
 
     def relocate(self, info: InstanceInfo) -> None:
         self.info = info
         self.stalled, self.progress = False, -1.0
         old = self.candidate
         self.candidate = Candidate(info.engine_id, info.url, inflight=old.inflight,
-                                   pending_tokens=old.pending_tokens,
-                                   prefill_rate=old.prefill_rate, load_rate=old.load_rate)
+                                   pending_tokens=old.pending_tokens, decoding=old.decoding,
+                                   prefill_rate=old.prefill_rate, load_rate=old.load_rate,
+                                   step_s=old.step_s)
 
 
 class InstancePool:
@@ -231,7 +239,10 @@ class InstancePool:
             total(series, "vllm:request_prefill_time_seconds_sum"))
         m.load_meter.observe(counters.get("store_loaded_tokens", 0),
                              counters.get("store_load_seconds", 0))
+        m.step_meter.observe(total(series, "vllm:inter_token_latency_seconds_count"),
+                             total(series, "vllm:inter_token_latency_seconds_sum"))
         c.prefill_rate, c.load_rate = m.prefill_meter.rate, m.load_meter.rate
+        c.step_s = 1 / m.step_meter.rate if m.step_meter.rate else None
         self._metrics.kv_bytes.labels(m.key).set(counters.get("kv_bytes_received", 0))
         self._metrics.kv_seconds.labels(m.key).set(counters.get("kv_transfer_seconds", 0))
         self._metrics.kv_failures.labels(m.key).set(counters.get("kv_transfer_failures", 0))

@@ -31,6 +31,10 @@ class Candidate:
     # Learned online from the instance's counters (``scheduler.rates``); None: not measured.
     prefill_rate: float | None = None  # prompt tokens computed per second
     load_rate: float | None = None  # tokens loaded from the KV store per second
+    # Requests the gateway has decoding there, and the instance's learned seconds per
+    # decode step (mean inter-token latency; None: not measured).
+    decoding: int = 0
+    step_s: float | None = None
 
 
 @dataclass(slots=True)

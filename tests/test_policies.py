@@ -140,3 +140,23 @@ def test_policy_errors_name_the_field(data, names):
         parse_topology({"scheduler": data})
     for name in names:
         assert name in str(err.value)
+
+
+def test_kv_aware_counts_each_decoding_request_as_a_step():
+    """A decoder that holds the prefix but generates for many requests loses to one that
+    must recompute it, once the steps it adds outlast the recompute: no piling on."""
+    kv, cands = make_policy("kv_aware"), _cands(2)
+    for c in cands:
+        c.prefill_rate, c.step_s = 2000.0, 0.05  # 2000 tokens/s, 50 ms a step
+    info = RequestInfo("r", prompt_tokens=1000, cached_tokens={"e0": 1000})
+    picks = Counter()
+    for _ in range(40):
+        c = kv.choose(cands, info)
+        c.decoding += 1  # each stays generating
+        picks[c.engine_id] += 1
+        info.cached_tokens[c.engine_id] = 1000  # it now holds the prefix too
+    assert picks["e1"] >= 15 and picks["e0"] >= 15  # recompute 0.5 s = 10 steps: spread
+    # Not measured yet: a step is priced as the median measured one.
+    fresh = [*cands, Candidate("e2", "u2", prefill_rate=2000.0)]
+    assert kv.cost(fresh[2], info, (2000.0, 20000.0, 0.05)) < kv.cost(
+        fresh[0], info, (2000.0, 20000.0, 0.05))

@@ -85,7 +85,10 @@ def _metrics(computed: float, prefill_s: float, loaded: float, load_s: float) ->
         "# TYPE vllm:disagg_store_loaded_tokens counter",
         f"vllm:disagg_store_loaded_tokens_total {loaded}",
         "# TYPE vllm:disagg_store_load_seconds counter",
-        f"vllm:disagg_store_load_seconds_total {load_s}", ""])
+        f"vllm:disagg_store_load_seconds_total {load_s}",
+        "# TYPE vllm:inter_token_latency_seconds histogram",
+        f"vllm:inter_token_latency_seconds_sum {prefill_s / 10}",
+        f"vllm:inter_token_latency_seconds_count {computed / 100}", ""])
 
 
 def test_polls_learn_each_instances_prefill_and_store_load_rates() -> None:
@@ -101,3 +104,4 @@ def test_polls_learn_each_instances_prefill_and_store_load_rates() -> None:
     pool._observe(m, _metrics(5000, 3.0, 8192, 0.1))  # 4000 computed in 2 s; 8192 in 0.1 s
     assert m.candidate.prefill_rate == pytest.approx(2000)
     assert m.candidate.load_rate == pytest.approx(81920)
+    assert m.candidate.step_s == pytest.approx(0.2 / 40)  # 40 more tokens in 0.2 s
