@@ -97,6 +97,8 @@ class Member:
     prefill_meter: RateMeter = field(default_factory=RateMeter)  # -> candidate.prefill_rate
     load_meter: RateMeter = field(default_factory=RateMeter)  # -> candidate.load_rate
     step_meter: RateMeter = field(default_factory=RateMeter)  # -> 1 / candidate.step_s
+    computed_tokens: float = 0.0  # prompt tokens computed and loaded, at the last poll
+    loaded_tokens: float = 0.0
 
     _down: asyncio.Event | None = field(default=None, repr=False)
 
@@ -234,9 +236,15 @@ class InstancePool:
         self._track_progress(m, _tokens_done(series),
                              busy=load.running + load.waiting + c.inflight > 0)
         counters = _disagg_counters(series)
-        m.prefill_meter.observe(
-            total(series, "vllm:prompt_tokens_by_source", source="local_compute"),
-            total(series, "vllm:request_prefill_time_seconds_sum"))
+        # A request whose KV came from elsewhere (a prefill instance, the store) counts
+        # its wait for that KV as prefill time: a poll window where such tokens outnumber
+        # the computed ones measures transfers, not compute, and is skipped.
+        computed = total(series, "vllm:prompt_tokens_by_source", source="local_compute")
+        loaded = total(series, "vllm:prompt_tokens_by_source", source="external_kv_transfer")
+        mostly_computed = loaded - m.loaded_tokens <= computed - m.computed_tokens
+        m.computed_tokens, m.loaded_tokens = computed, loaded
+        m.prefill_meter.observe(computed, total(series, "vllm:request_prefill_time_seconds_sum"),
+                                sample=mostly_computed)
         m.load_meter.observe(counters.get("store_loaded_tokens", 0),
                              counters.get("store_load_seconds", 0))
         m.step_meter.observe(total(series, "vllm:inter_token_latency_seconds_count"),

@@ -30,15 +30,17 @@ class RateMeter:
     _tokens: float | None = None
     _seconds: float = 0.0
 
-    def observe(self, tokens_total: float, seconds_total: float) -> None:
-        """Feed the counters' current totals."""
-        if self._tokens is None or tokens_total < self._tokens or seconds_total < self._seconds:
-            self._tokens, self._seconds = tokens_total, seconds_total  # first poll, or reset
+    def observe(self, tokens_total: float, seconds_total: float, sample: bool = True) -> None:
+        """Feed the counters' current totals. ``sample=False``: the work since the last
+        poll is not what the rate measures (the caller knows why); it is skipped."""
+        if (self._tokens is None or tokens_total < self._tokens
+                or seconds_total < self._seconds or not sample):
+            self._tokens, self._seconds = tokens_total, seconds_total  # baseline, reset, skip
             return
         d_tokens, d_seconds = tokens_total - self._tokens, seconds_total - self._seconds
         if d_seconds < self.min_seconds or d_tokens <= 0:
             return  # keep the baseline: small steps add up to a sample later
-        sample = d_tokens / d_seconds
-        self.rate = sample if self.rate is None else (
-            self.weight * sample + (1 - self.weight) * self.rate)
+        now = d_tokens / d_seconds
+        self.rate = now if self.rate is None else (
+            self.weight * now + (1 - self.weight) * self.rate)
         self._tokens, self._seconds = tokens_total, seconds_total

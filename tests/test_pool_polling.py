@@ -105,3 +105,8 @@ def test_polls_learn_each_instances_prefill_and_store_load_rates() -> None:
     assert m.candidate.prefill_rate == pytest.approx(2000)
     assert m.candidate.load_rate == pytest.approx(81920)
     assert m.candidate.step_s == pytest.approx(0.2 / 40)  # 40 more tokens in 0.2 s
+    # A decoder's window of pulled KV (its wait for the KV counts as prefill time) is no
+    # sample of its compute rate.
+    pool._observe(m, _metrics(5010, 8.0, 8192, 0.1).replace(
+        'source="local_cache_hit"', 'source="external_kv_transfer"'))
+    assert m.candidate.prefill_rate == pytest.approx(2000)

@@ -33,3 +33,12 @@ def test_a_restarted_engine_restarts_the_counters_not_the_rate():
     assert m.rate == pytest.approx(2000)
     m.observe(1100, 1.1)
     assert m.rate == pytest.approx(1000)
+
+
+def test_a_window_the_caller_rejects_is_skipped_not_sampled():
+    m = RateMeter(weight=1.0)
+    m.observe(0, 0.0)
+    m.observe(10, 5.0, sample=False)  # e.g. KV pulled, not computed: 10 tokens "in" 5 s
+    assert m.rate is None
+    m.observe(2010, 6.0)
+    assert m.rate == pytest.approx(2000)
