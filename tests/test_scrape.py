@@ -20,7 +20,8 @@ def test_only_keeps_the_named_samples_as_the_full_parse_reads_them():
     assert kept == {k: v for k, v in full.items() if k[0].startswith(POLLED)}
     assert {k[0] for k in kept} == {
         "vllm:prompt_tokens", "vllm:prompt_tokens_by_source", "vllm:num_requests_running",
-        "vllm:request_prefill_time_seconds_sum", "vllm:disagg_store_loaded_tokens"}
+        "vllm:request_prefill_time_seconds_sum", "vllm:disagg_store_loaded_tokens",
+        "vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count"}
 
 
 def test_the_fast_reader_agrees_with_prometheus_clients_parser():
