@@ -60,7 +60,8 @@ class DisaggConnector(KVConnectorBase_V1):
         self.worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = ConnectorScheduler(
-                self.config, self.engine_id, vllm_config.cache_config.block_size
+                self.config, self.engine_id, vllm_config.cache_config.block_size,
+                vllm_config.parallel_config.tensor_parallel_size,
             )
 
     def _scheduler_half(self) -> ConnectorScheduler:
@@ -100,13 +101,18 @@ class DisaggConnector(KVConnectorBase_V1):
         tensors = list(kv_caches.values())
         num_blocks = self._num_blocks or tensors[0].shape[0]
         cfg = self._vllm_config
+        planes = [p for t in tensors for p in planes_of(t, num_blocks)]
         compat = Compat(
             model=self.config.model_name or str(cfg.model_config.model),
             dtype=str(tensors[0].dtype).removeprefix("torch."),
             block_size=cfg.cache_config.block_size,
             num_layers=len(tensors),
-            plane_bytes=[p.block_bytes for t in tensors for p in planes_of(t, num_blocks)],
+            plane_bytes=[p.block_bytes for p in planes],
             tp_size=cfg.parallel_config.tensor_parallel_size,
+            # MLA keeps one latent head, replicated on every rank.
+            num_kv_heads=1 if cfg.model_config.use_mla
+            else cfg.model_config.get_total_num_kv_heads(),
+            head_major=all(p.head_major for p in planes),
         )
         self.worker = ConnectorWorker(
             self.config, self.engine_id, get_tensor_model_parallel_rank(), compat,

@@ -14,13 +14,19 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from disagg.tp_layout import HeadSlice, contacts, expected_notices, heads_per_rank, read_plan
 from disagg.transfer.connector.metadata import PeerAddress, RecvOrder, StoreLoadOrder
 from disagg.transfer.connector.stats import TransferStats, peer_key
 from disagg.transfer.control import channel
-from disagg.transfer.control.messages import Compat, HandshakeReply, HandshakeRequest
+from disagg.transfer.control.messages import (
+    Compat,
+    HandshakeReply,
+    HandshakeRequest,
+    completion_notice,
+)
 from disagg.transfer.nixl.endpoint import KVEndpoint, Read
 from disagg.transfer.nixl.ucx_info import TransportReport
 
@@ -64,19 +70,29 @@ class _Pull:
     order: RecvOrder
     deadline: float
     started: float
-    read: Read | None = None
-    handshake: Future | None = None
+    plan: tuple[HeadSlice, ...]  # what to read from which remote rank
+    ranks: tuple[int, ...]  # remote ranks to notify when done (``tp_layout.contacts``)
+    handshakes: dict[int, Future] = field(default_factory=dict)
+    reads: list[Read] | None = None  # posted once every remote rank is known
+    live: list[Read] = field(default_factory=list)  # posted and not yet DONE
     error: Exception | None = None  # raised while posting; reported by the next poll
+
+
+def peer_rank_key(engine_id: str, rank: int) -> str:
+    """The endpoint's name for one TP rank of a peer engine."""
+    return f"{engine_id}/tp{rank}"
 
 
 class PeerLoader(KVLoader[RecvOrder]):
     """Pulls blocks from a prefill peer with NIXL READs, handshaking on first contact.
 
-    All NIXL calls stay on the engine's thread; only the blocking side-channel handshake
-    (authenticated with ``channel_key`` both ways; a reply that fails its checks fails the
-    pull and counts ``side_channel_reply_rejected``) runs in a helper thread. A pull not
-    done by ``timeout_s`` fails; the peer is then forgotten (the next pull handshakes
-    again, e.g. with its restarted incarnation).
+    At equal TP sizes a rank reads its counterpart's whole blocks; otherwise it reads head
+    slices from every prefill rank holding its heads (``disagg.tp_layout``), one handshake
+    per remote rank. All NIXL calls stay on the engine's thread; only the blocking
+    side-channel handshakes (authenticated with ``channel_key`` both ways; a reply that
+    fails its checks fails the pull and counts ``side_channel_reply_rejected``) run in a
+    helper thread. A pull not done by ``timeout_s`` fails; the peer is then forgotten (the
+    next pull handshakes again, e.g. with its restarted incarnation).
     """
 
     name = "peer"
@@ -94,7 +110,16 @@ class PeerLoader(KVLoader[RecvOrder]):
 
     def start(self, order: RecvOrder) -> None:
         now = time.monotonic()
-        pull = _Pull(order, now + self.timeout_s, now)
+        k, d = self.compat.num_kv_heads, self.compat.tp_size
+        try:
+            plan = read_plan(k, order.peer.tp_size, d, self.tp_rank)
+            ranks = contacts(k, order.peer.tp_size, d, self.tp_rank)
+        except ValueError as exc:  # a TP size that cannot shard the heads: recompute
+            plan, ranks = (), ()
+            self._pulls[order.request_id] = _Pull(order, now + self.timeout_s, now, plan,
+                                                  ranks, error=exc)
+            return
+        pull = _Pull(order, now + self.timeout_s, now, plan, ranks)
         self._pulls[order.request_id] = pull
         try:
             self._advance(pull)
@@ -102,28 +127,45 @@ class PeerLoader(KVLoader[RecvOrder]):
             pull.error = exc  # pull fails (recompute), never the engine step that posted it
 
     def _advance(self, pull: _Pull) -> None:
-        """Post the READ once the peer is known, starting its handshake if needed."""
-        peer_id = pull.order.peer.engine_id
-        peer = self.endpoint.peer(peer_id)
-        if peer is None:
-            if pull.handshake is None:
-                pull.handshake = self._pool.submit(self._handshake, pull.order.peer)
-            if not pull.handshake.done():
-                return
-            peer = self.endpoint.add_peer(peer_id, pull.handshake.result())
-            self._stats().add("kv_handshakes")
+        """Post the READs once every remote rank is known, handshaking where needed."""
         o = pull.order
-        pull.read = self.endpoint.start_read(
-            peer, o.local_block_ids, o.remote_block_ids, o.remote_request_id.encode()
-        )
+        peers = {}
+        for rank in pull.ranks:
+            key = peer_rank_key(o.peer.engine_id, rank)
+            peer = self.endpoint.peer(key)
+            if peer is None:
+                hs = pull.handshakes.get(rank)
+                if hs is None:
+                    pull.handshakes[rank] = self._pool.submit(self._handshake, o.peer, rank)
+                    continue
+                if not hs.done():
+                    continue
+                peer = self.endpoint.add_peer(key, hs.result())
+                self._stats().add("kv_handshakes")
+            peers[rank] = peer
+        if len(peers) < len(pull.ranks):
+            return
+        k, p, d = self.compat.num_kv_heads, o.peer.tp_size, self.compat.tp_size
+        notices = {r: completion_notice(o.remote_request_id, expected_notices(k, p, d, r))
+                   for r in pull.ranks}
+        # Same heads per rank on both sides: each slice is the remote rank's whole blocks.
+        whole = heads_per_rank(k, p) == heads_per_rank(k, d)
+        pull.reads = [
+            self.endpoint.start_read(peers[hs.remote_rank], o.local_block_ids,
+                                     o.remote_block_ids, notices[hs.remote_rank],
+                                     None if whole else hs)
+            for hs in pull.plan]
+        pull.live = list(pull.reads)
+        for rank in set(pull.ranks) - {hs.remote_rank for hs in pull.plan}:
+            self.endpoint.notify(peers[rank], notices[rank])  # read nothing there: free it
 
     @property
     def busy(self) -> bool:
         return bool(self._pulls)
 
-    def _handshake(self, addr: PeerAddress) -> HandshakeReply:
+    def _handshake(self, addr: PeerAddress, rank: int) -> HandshakeReply:
         req = HandshakeRequest(engine_id=self.engine_id, compat=self.compat)
-        return channel.handshake(addr.host, addr.port + self.tp_rank, req,
+        return channel.handshake(addr.host, addr.port + rank, req,
                                  self.handshake_timeout_s, key=self._channel_key)
 
     def poll(self) -> list[LoadResult]:
@@ -146,40 +188,55 @@ class PeerLoader(KVLoader[RecvOrder]):
             if state == "DONE":
                 self._count(pull, now)
             else:
-                peer = pull.order.peer.engine_id
-                self._stats().add(peer_key(peer, self._transport(peer), "failures"))
-                self.transports.pop(peer, None)
-                self.endpoint.forget_peer(peer)
+                self._forget(pull)
             done.append(LoadResult(pull.order, state == "DONE", reason,
                                    len(pull.order.local_block_ids) if state == "DONE" else 0))
         return done
 
+    def _forget(self, pull: _Pull) -> None:
+        """A failed pull: drop every rank of its peer (the next pull handshakes again)."""
+        peer = pull.order.peer.engine_id
+        self._stats().add(peer_key(peer, self._transport(peer), "failures"))
+        self.transports.pop(peer, None)
+        for live in pull.live:
+            self.endpoint.abandon(live)
+        pull.live = []
+        for rank in range(pull.order.peer.tp_size):
+            self.endpoint.forget_peer(peer_rank_key(peer, rank))
+
     def _state(self, pull: _Pull, now: float) -> str:
         if pull.error is not None:
             raise pull.error
-        if pull.read is None:
+        if pull.reads is None:
             self._advance(pull)
-        if pull.read is not None:
-            state = self.endpoint.poll(pull.read)
-            if state != "PROC":
-                return state
+        if pull.reads is not None:
+            still = []
+            for read in pull.live:
+                state = self.endpoint.poll(read)
+                if state == "ERR":
+                    pull.live = [r for r in pull.live if r is not read]
+                    return "ERR"
+                if state == "PROC":
+                    still.append(read)
+            pull.live = still
+            if not still:
+                return "DONE"
         if now > pull.deadline:
-            if pull.read is not None:
-                self.endpoint.abandon(pull.read)
             raise TimeoutError(f"not done after {self.timeout_s}s")
         return "PROC"
 
     def _count(self, pull: _Pull, now: float) -> None:
-        assert pull.read is not None
+        assert pull.reads is not None
         s = self._stats()
-        s.add("kv_bytes_received", pull.read.num_bytes)
+        num_bytes = sum(r.num_bytes for r in pull.reads)
+        s.add("kv_bytes_received", num_bytes)
         s.add("kv_blocks_received", len(pull.order.local_block_ids))
-        s.add("kv_descriptors", pull.read.num_descriptors)
+        s.add("kv_descriptors", sum(r.num_descriptors for r in pull.reads))
         s.add("kv_transfers_received")
         s.add("kv_transfer_seconds", now - pull.started)
         peer = pull.order.peer.engine_id
         transport = self._transport(peer)
-        s.add(peer_key(peer, transport, "bytes"), pull.read.num_bytes)
+        s.add(peer_key(peer, transport, "bytes"), num_bytes)
         s.add(peer_key(peer, transport, "seconds"), now - pull.started)
         s.add(peer_key(peer, transport, "pulls"))
 

@@ -13,6 +13,7 @@ class PeerAddress:
     engine_id: str
     host: str
     port: int  # side-channel port of the peer's TP rank 0; rank r listens on port + r
+    tp_size: int = 1  # the peer's TP ranks (which hold which heads: disagg.tp_layout)
 
 
 @dataclass(frozen=True, slots=True)

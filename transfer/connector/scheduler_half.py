@@ -57,14 +57,17 @@ def _remote_params(request: Request) -> KVTransferParams | None:
 
 
 def _peer(params: KVTransferParams) -> PeerAddress:
-    return PeerAddress(params.remote_engine_id, params.remote_host, params.remote_port)
+    return PeerAddress(params.remote_engine_id, params.remote_host, params.remote_port,
+                       params.remote_tp_size)
 
 
 class ConnectorScheduler:
-    def __init__(self, config: ConnectorConfig, engine_id: str, block_size: int):
+    def __init__(self, config: ConnectorConfig, engine_id: str, block_size: int,
+                 tp_size: int = 1):
         self.s = config
         self.engine_id = engine_id
         self.block_size = block_size
+        self.tp_size = tp_size  # told to decoders: which of our ranks hold which heads
         self._meta = DisaggMetadata()
         self._handled: set[str] = set()  # requests whose external load was planned
         # A store section with ``enabled: false`` is no store.
@@ -180,6 +183,7 @@ class ConnectorScheduler:
             remote_engine_id=self.engine_id, remote_request_id=rid,
             remote_host=self.s.side_channel_host, remote_port=self.s.side_channel_port,
             remote_block_ids=list(block_ids), remote_num_tokens=request.num_computed_tokens,
+            remote_tp_size=self.tp_size,
         )
         return True, out.model_dump()
 

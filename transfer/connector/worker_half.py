@@ -30,6 +30,7 @@ import torch
 
 from disagg.config import ConnectorConfig, StoreConfig
 from disagg.credentials import SECRET_ENV, channel_key_from_env
+from disagg.tp_layout import contacts
 from disagg.transfer.connector.loaders import KVLoader, LoadResult, PeerLoader
 from disagg.transfer.connector.metadata import (
     DisaggMetadata,
@@ -45,6 +46,7 @@ from disagg.transfer.control.messages import (
     Compat,
     HandshakeReply,
     decode_message,
+    parse_notice,
 )
 from disagg.transfer.nixl.endpoint import KVEndpoint
 from disagg.transfer.store import TieredStore
@@ -125,6 +127,7 @@ class ConnectorWorker:
         self.saver: StoreSaver | None = None
         self._store_pool: ThreadPoolExecutor | None = None
         self._early_done: set[str] = set()  # notified before the send order arrived
+        self._notices: dict[str, int] = {}  # request id -> completion notices so far
         self._aborts: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._idle = False  # this step runs no tokens (DisaggMetadata.idle)
         self._store_done = threading.Event()  # a store load or save ended
@@ -237,15 +240,23 @@ class ConnectorWorker:
             self.saver.start(save)
 
     def _send_abort(self, rel: ReleaseOrder) -> None:
+        """Tell every prefill rank this rank would have notified to free the blocks."""
         try:
-            channel.request(rel.peer.host, rel.peer.port + self.tp_rank,
-                            AbortNotice(request_ids=[rel.remote_request_id]),
-                            self.s.transfer.handshake_timeout_s, key=self.channel_key)
-        except channel.ControlError as exc:  # the peer's lease frees the blocks anyway
-            if isinstance(exc, channel.AuthError):
-                self._locked_stats.add("side_channel_reply_rejected")
-            logger.warning("abort notice for %s to %s failed: %s",
-                           rel.remote_request_id, rel.peer.engine_id, exc)
+            ranks = contacts(self.compat.num_kv_heads, rel.peer.tp_size, self.compat.tp_size,
+                             self.tp_rank)
+        except ValueError as exc:  # a TP size that cannot shard the heads: its lease frees
+            logger.warning("abort notice for %s: %s", rel.remote_request_id, exc)
+            return
+        for rank in ranks:
+            try:
+                channel.request(rel.peer.host, rel.peer.port + rank,
+                                AbortNotice(request_ids=[rel.remote_request_id]),
+                                self.s.transfer.handshake_timeout_s, key=self.channel_key)
+            except channel.ControlError as exc:  # the peer's lease frees the blocks anyway
+                if isinstance(exc, channel.AuthError):
+                    self._locked_stats.add("side_channel_reply_rejected")
+                logger.warning("abort notice for %s to %s rank %d failed: %s",
+                               rel.remote_request_id, rel.peer.engine_id, rank, exc)
 
     def finished(self) -> tuple[set[str], set[str]]:
         """(done sending, done receiving) since the last call; drives NIXL progress."""
@@ -301,7 +312,7 @@ class ConnectorWorker:
         done: set[str] = set()
         if self.endpoint is None:
             return done
-        notified = {m.decode() for m in self.endpoint.notifications()}
+        notified = self._counted_notices()
         while not self._aborts.empty():
             rid = self._aborts.get()
             notified.add(rid)
@@ -328,6 +339,23 @@ class ConnectorWorker:
         if len(self._early_done) > 10_000:
             self._early_done.clear()
         return done
+
+    def _counted_notices(self) -> set[str]:
+        """Requests whose completion notices are all in (one per decode rank reading from
+        this rank: ``messages.parse_notice``)."""
+        assert self.endpoint is not None
+        complete: set[str] = set()
+        for raw in self.endpoint.notifications():
+            rid, expected = parse_notice(raw)
+            got = self._notices.get(rid, 0) + 1
+            if got < expected:
+                self._notices[rid] = got
+                continue
+            self._notices.pop(rid, None)
+            complete.add(rid)
+        if len(self._notices) > 10_000:  # partial counts of requests long gone
+            self._notices.clear()
+        return complete
 
     def _release(self, rid: str, reader: str, done: set[str]) -> None:
         holds = self._holds.get(rid)

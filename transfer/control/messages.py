@@ -24,7 +24,12 @@ notification carries the prefill-side request id, which frees its blocks. Every 
 carries its ``PROTOCOL_VERSION``; a side channel refuses envelopes and requests, and
 ``KVTransferParams.parse`` params, of another version.
 
-Version history: 1 bare JSON frames; 2 the authenticated envelope.
+Completion notices (NIXL notifications carried by the decoder's READs, or sent alone) read
+``<prefill request id>:<n>``: the prefill rank frees the blocks after ``n`` of them, one from
+each decode rank that contacts it (``disagg.tp_layout``: prefill and decode TP sizes differ).
+
+Version history: 1 bare JSON frames; 2 the authenticated envelope; 3 TP sizes (``Compat``
+per-head checks, ``remote_tp_size``, counted completion notices).
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-PROTOCOL_VERSION = 2
+from disagg.tp_layout import heads_per_rank, pairing_problem
+
+PROTOCOL_VERSION = 3
 
 
 class _Msg(BaseModel):
@@ -62,24 +69,44 @@ class PlaneInfo(_Msg):
     block_stride: int
     block_bytes: int
     device_id: int = 0
+    num_heads: int = Field(1, ge=1)
+    head_bytes: int = Field(0, ge=0, description="one head's slab; 0: heads interleaved")
 
 
 class Compat(_Msg):
-    """Everything that must match for one side's KV bytes to be valid on the other."""
+    """Everything that must match for one side's KV bytes to be valid on the other.
+
+    Sides at different TP sizes hold different heads per rank: their blocks then differ in
+    size, and what must match is the bytes of one head (``head_bytes``) and the model's
+    head count, with a layout that can be split by head where the heads per rank differ."""
 
     model: str
     dtype: str
     block_size: int
     num_layers: int
     plane_bytes: list[int] = Field(description="block_bytes of each plane, layer by layer")
-    tp_size: int = 1
+    tp_size: int = Field(1, ge=1)
+    num_kv_heads: int = Field(1, ge=1, description="the model's KV heads, all ranks together")
+    head_major: bool = Field(True, description="each block's heads are contiguous slabs")
+
+    def head_bytes(self) -> list[int]:
+        """Bytes of one KV head of one block, plane by plane."""
+        n = heads_per_rank(self.num_kv_heads, self.tp_size)
+        return [b // n for b in self.plane_bytes]
 
     def mismatch(self, other: Compat) -> str | None:
         """Name the first field that differs, or None when the two are compatible."""
-        for name in type(self).model_fields:
+        for name in ("model", "dtype", "block_size", "num_layers", "num_kv_heads"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 return f"{name}: ours={mine!r} peer={theirs!r}"
+        problem = pairing_problem(self.num_kv_heads, other.tp_size, self.tp_size,
+                                  self.head_major and other.head_major)
+        if problem:
+            return f"tp_size: ours={self.tp_size} peer={other.tp_size}: {problem}"
+        if self.head_bytes() != other.head_bytes():
+            return (f"bytes per KV head and block: ours={self.head_bytes()[:4]} "
+                    f"peer={other.head_bytes()[:4]}")
         return None
 
 
@@ -128,6 +155,7 @@ class KVTransferParams(_Msg):
     remote_port: int
     remote_block_ids: list[int]
     remote_num_tokens: int
+    remote_tp_size: int = Field(1, ge=1, le=1024)
     protocol_version: int = PROTOCOL_VERSION
 
     @field_validator("protocol_version")
@@ -177,3 +205,18 @@ def decode_reply(raw: bytes) -> HandshakeReply | AbortNotice | ErrorReply:
     if model is None:
         raise ValueError(f"unknown reply kind {kind!r}"[:200])
     return model.model_validate_json(raw)
+
+
+def completion_notice(remote_request_id: str, count: int) -> bytes:
+    """The notice a decode rank sends a prefill rank that expects ``count`` of them."""
+    return f"{remote_request_id}:{count}".encode()
+
+
+def parse_notice(raw: bytes) -> tuple[str, int]:
+    """(request id, notices expected) of a completion notice; a bare id (or a count that is
+    not a small positive number) counts as the only notice."""
+    text = raw.decode(errors="replace")
+    rid, sep, count = text.rpartition(":")
+    if sep and count.isdigit() and 1 <= int(count) <= 1024:
+        return rid, int(count)
+    return text, 1

@@ -17,8 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from disagg.tp_layout import HeadSlice
 from disagg.transfer.control.messages import HandshakeReply, PlaneInfo
-from disagg.transfer.nixl.layout import Plane, coalesce, descriptors, planes_of, storage_regions
+from disagg.transfer.nixl.layout import (
+    Plane,
+    coalesce,
+    planes_of,
+    slice_descriptors,
+    storage_regions,
+)
 from disagg.transfer.nixl.progress import ProgressDriver
 
 logger = logging.getLogger(__name__)
@@ -69,14 +76,17 @@ class KVEndpoint:
 
     def plane_infos(self) -> list[PlaneInfo]:
         return [PlaneInfo(base=p.base, block_stride=p.block_stride,
-                          block_bytes=p.block_bytes, device_id=p.device_id)
+                          block_bytes=p.block_bytes, device_id=p.device_id,
+                          num_heads=p.num_heads, head_bytes=p.head_bytes)
                 for p in self.planes]
 
     def add_peer(self, engine_id: str, reply: HandshakeReply) -> Peer:
-        """Load a peer's NIXL metadata; idempotent per engine id."""
+        """Load a peer's NIXL metadata; idempotent per ``engine_id`` (one key per remote
+        TP rank: ``peer_key``)."""
         if engine_id not in self._peers:
             name = self.agent.add_remote_agent(reply.agent_metadata)
-            planes = tuple(Plane(p.base, p.block_stride, p.block_bytes, p.device_id)
+            planes = tuple(Plane(p.base, p.block_stride, p.block_bytes, p.device_id,
+                                 p.num_heads, p.head_bytes)
                            for p in reply.planes)
             if len(planes) != len(self.planes):
                 raise ValueError(f"peer has {len(planes)} KV planes, we have {len(self.planes)}")
@@ -107,12 +117,13 @@ class KVEndpoint:
                 logger.debug("remove_remote_agent(%s): %s", peer.agent_name, exc)
 
     def start_read(
-        self, peer: Peer, local_ids: Sequence[int], remote_ids: Sequence[int], notif: bytes
+        self, peer: Peer, local_ids: Sequence[int], remote_ids: Sequence[int], notif: bytes,
+        heads: HeadSlice | None = None,
     ) -> Read:
-        """Start a READ of ``remote_ids`` into ``local_ids``; the peer gets ``notif`` when done."""
+        """Start a READ of ``remote_ids`` into ``local_ids`` (all heads, or the slice
+        ``heads``); the peer gets ``notif`` when done."""
         runs = coalesce(local_ids, remote_ids)
-        local = descriptors(self.planes, runs, "local")
-        remote = descriptors(peer.planes, runs, "remote")
+        local, remote = slice_descriptors(self.planes, peer.planes, runs, heads)
         handle = self.agent.initialize_xfer(
             "READ",
             self.agent.get_xfer_descs(np.array(local, dtype=np.uint64), self.mem_type),
@@ -129,6 +140,10 @@ class KVEndpoint:
             self.agent.release_xfer_handle(handle)
             raise RuntimeError("NIXL refused to post the READ")
         return Read(handle, sum(d[1] for d in local), len(local))
+
+    def notify(self, peer: Peer, notif: bytes) -> None:
+        """Send ``notif`` to the peer without a READ (a rank we read nothing from)."""
+        self.agent.send_notif(peer.agent_name, notif)
 
     def poll(self, read: Read) -> str:
         """'DONE', 'PROC' or 'ERR'; a finished handle (DONE or ERR) is released.

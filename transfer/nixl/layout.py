@@ -11,6 +11,13 @@ Either way a layer is a list of *planes*; in each plane block ``b`` starts at
 ``base + b * block_stride`` and spans ``block_bytes``. When ``block_bytes == block_stride``,
 a run of consecutive block ids is one contiguous range, so a transfer of a request's blocks
 needs one descriptor per (plane, run) instead of one per (plane, block).
+
+Prefill and decode at different TP sizes hold different KV heads per rank
+(``disagg.tp_layout``): a decode rank then reads a *head slice* of each remote block into a
+head slice of its own. That takes a head-major block (each head one contiguous slab, heads
+in order), which the CPU layout is and CUDA's is with ``VLLM_KV_CACHE_LAYOUT=HND``; a slice
+is then one descriptor per block and plane (or per run, when it covers whole blocks on both
+sides).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from disagg.tp_layout import HeadSlice
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +38,12 @@ class Plane:
     block_stride: int  # bytes between block b and b + 1
     block_bytes: int  # bytes of one block in this plane
     device_id: int = 0
+    num_heads: int = 1  # KV heads in one block of this plane
+    head_bytes: int = 0  # bytes of one head's slab in a block; 0: heads are interleaved
+
+    @property
+    def head_major(self) -> bool:
+        return self.head_bytes * self.num_heads == self.block_bytes
 
     @property
     def contiguous(self) -> bool:
@@ -50,18 +65,39 @@ def planes_of(kv_cache: torch.Tensor, num_blocks: int) -> list[Plane]:
     Raises ValueError for a layout whose block dimension is neither 0 nor 1 (behind a
     leading K/V dimension of 2): such a cache cannot be addressed per block.
     """
-    dev = kv_cache.device.index or 0
-    item = kv_cache.element_size()
     if kv_cache.shape[0] == num_blocks:
-        stride = kv_cache.stride(0) * item
-        per_block = kv_cache[0].numel() * item
-        return [Plane(kv_cache.data_ptr(), stride, per_block, dev)]
+        # [blocks, heads, block_size, 2 * head_size] (CPU); [blocks, block_size, dim] (MLA)
+        return [_plane(kv_cache, 0 if kv_cache.dim() == 4 else None)]
     if kv_cache.shape[0] == 2 and kv_cache.shape[1] == num_blocks:
-        return [planes_of(kv_cache[i], num_blocks)[0] for i in range(2)]
+        # [2, blocks, block_size, heads, head_size] (CUDA; HND strides make it head-major)
+        return [_plane(kv_cache[i], 1) for i in range(2)]
     raise ValueError(
         f"unsupported KV cache shape {tuple(kv_cache.shape)} for {num_blocks} blocks: "
         "expected the block dimension first, or second behind a K/V dimension of 2"
     )
+
+
+def _plane(blocks: torch.Tensor, head_dim: int | None) -> Plane:
+    """``blocks``: [num_blocks, ...]; ``head_dim``: the heads' dimension within a block."""
+    item = blocks.element_size()
+    block = blocks[0]
+    per_block = block.numel() * item
+    heads = block.shape[head_dim] if head_dim is not None else 1
+    head_bytes = per_block if heads == 1 else 0
+    if heads > 1 and block.stride(head_dim) * heads == block.numel() and _dense(block):
+        head_bytes = block.stride(head_dim) * item
+    return Plane(blocks.data_ptr(), blocks.stride(0) * item, per_block,
+                 blocks.device.index or 0, heads, head_bytes)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers exactly ``t.numel()`` elements in some dimension order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size > 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def storage_regions(kv_caches: Iterable[torch.Tensor]) -> list[tuple[int, int, int]]:
@@ -116,3 +152,43 @@ def descriptors(
                     for i in range(run.length)
                 )
     return out
+
+
+def slice_descriptors(
+    local: Sequence[Plane], remote: Sequence[Plane], runs: Sequence[Run],
+    heads: HeadSlice | None = None,
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Matching (local, remote) NIXL descriptors moving ``runs`` of blocks, all heads or the
+    head slice ``heads``, plane by plane.
+
+    A slice that covers whole blocks on both sides is the plain block transfer
+    (``descriptors``); any other slice is one descriptor per block and plane. Raises
+    ValueError when the planes do not pair up or a slice needs a layout that is not
+    head-major."""
+    if len(local) != len(remote):
+        raise ValueError(f"peer has {len(remote)} KV planes, we have {len(local)}")
+    whole = heads is None or all(
+        heads.num_heads == lp.num_heads == rp.num_heads for lp, rp in zip(local, remote, strict=True))
+    if whole:
+        return descriptors(local, runs, "local"), descriptors(remote, runs, "remote")
+    assert heads is not None
+    lo: list[tuple[int, int, int]] = []
+    re: list[tuple[int, int, int]] = []
+    for lp, rp in zip(local, remote, strict=True):
+        if not (lp.head_major and rp.head_major) or lp.head_bytes != rp.head_bytes:
+            raise ValueError("a head slice needs head-major KV blocks with equal head sizes on "
+                             f"both sides (ours {lp.head_bytes} B x {lp.num_heads} heads, "
+                             f"peer's {rp.head_bytes} B x {rp.num_heads})")
+        if (heads.local_head + heads.num_heads > lp.num_heads
+                or heads.remote_head + heads.num_heads > rp.num_heads):
+            raise ValueError(f"head slice {heads} outside {lp.num_heads} local / "
+                             f"{rp.num_heads} remote heads")
+        size = heads.num_heads * lp.head_bytes
+        l_off, r_off = heads.local_head * lp.head_bytes, heads.remote_head * rp.head_bytes
+        for run in runs:
+            for i in range(run.length):
+                lo.append((lp.base + (run.local + i) * lp.block_stride + l_off, size,
+                           lp.device_id))
+                re.append((rp.base + (run.remote + i) * rp.block_stride + r_off, size,
+                           rp.device_id))
+    return lo, re
