@@ -62,6 +62,7 @@ from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
 from disagg.scheduler.kv_index import PrefixIndex
 from disagg.tiers import capacity_blocks, is_store, loadable_by
+from disagg.tp_layout import pairing_problem
 from disagg.validation import check_model, check_request, parse_json, read_body, strip_internal
 
 logger = logging.getLogger(__name__)
@@ -380,12 +381,12 @@ class Gateway:
         if decoder.info.role == "prefill":  # degraded: no decoder; serve it all there
             decision = Decision(False, "no_decode_instance")
         else:
-            prefill = [m.candidate for m in self.pool.available("prefill")]
+            prefill = [m.candidate for m in self._pairable(decoder)]
             decision = self.decider.decide(info.uncached_tokens(decoder.info.engine_id),
                                            prefill)
         self._record(info, decoder, decision)
         self._expect(decoder, info)
-        kv_params = await self._prefill(path, body, info) if decision.remote else None
+        kv_params = await self._prefill(path, body, info, decoder) if decision.remote else None
         info.prefilled = kv_params is not None
         return await self._decode(path, payload.with_params(kv_params), body.get("stream"),
                                   info, start, decoder)
@@ -466,11 +467,24 @@ class Gateway:
             if with_store > hit:
                 info.store_tokens[eid] = (with_store - hit) * self.block_size
 
-    async def _prefill(self, path: str, body: dict, info: RequestInfo) -> dict | None:
-        """Run the prefill hop; None means the decoder prefills locally."""
-        if not self.pool.available("prefill"):  # went down since the decision
+    def _pairable(self, decoder: Member) -> list[Member]:
+        """Healthy prefill instances whose KV ``decoder`` can read (their TP sizes shard the
+        model's KV heads compatibly: ``tp_layout.pairing_problem``)."""
+        d = decoder.info
+        return [m for m in self.pool.available("prefill")
+                if m.info.tensor_parallel_size == d.tensor_parallel_size
+                or pairing_problem(d.num_kv_heads, m.info.tensor_parallel_size,
+                                   d.tensor_parallel_size) is None]
+
+    async def _prefill(self, path: str, body: dict, info: RequestInfo,
+                       decoder: Member) -> dict | None:
+        """Run the prefill hop on an instance ``decoder`` can pull from; None means the
+        decoder prefills locally."""
+        pairable = {m.key for m in self._pairable(decoder)}
+        if not pairable:  # went down since the decision
             return None
-        member = self._pick("prefill", info)
+        member = self._pick("prefill", info, exclude={
+            m.key for m in self.pool.available("prefill") if m.key not in pairable})
         self._expect(member, info)
         pbody = {**body, "max_tokens": 1, "stream": False,
                  "kv_transfer_params": {"do_remote_decode": True}}

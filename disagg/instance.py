@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from disagg.config import ConnectorConfig, EngineArgs, StoreConfig, TransferConfig
 from disagg.credentials import ENGINE_TOKEN_ENV, SECRET_ENV, engine_token, new_secret
+from disagg.models import kv_heads_of
 from disagg.scrape import Series
 from disagg.scrape import parse as parse_metrics
 from disagg.vllm_plugin import EXACT_BIND_ENV
@@ -71,6 +72,9 @@ class InstanceInfo(BaseModel):
     kv_events_endpoint: str | None = None  # vLLM's KV-event PUB socket, to connect to
     kv_replay_endpoint: str | None = None  # its replay ROUTER socket
     restarts: int = 0  # engines this instance restarted after they died (crash loops show)
+    tensor_parallel_size: int = 1
+    num_kv_heads: int = 0  # the model's KV heads (0: unknown); with the TP size, which
+    # prefill instances a decoder can pull from (``tp_layout.pairing_problem``)
 
 
 class InstanceLoad(BaseModel):
@@ -337,6 +341,8 @@ class VLLMProcess:
             role=self.spec.role, index=self.spec.index, engine_id=self.engine_id,
             url=self.url, side_channel_port=self.side_channel_port,
             pid=self._proc.pid if self._proc else -1, log_path=self.log_path,
+            tensor_parallel_size=self.spec.tensor_parallel_size,
+            num_kv_heads=kv_heads_of(self.spec.model_path) or 0,
             kv_events_endpoint=f"tcp://{self.host}:{self.events_port}" if self.events_port
             else None,
             kv_replay_endpoint=f"tcp://{self.host}:{self.replay_port}" if self.replay_port

@@ -196,6 +196,29 @@ def kv_bytes_per_token(model_dir: str | Path, dtype: str) -> int:
     return 2 * text["num_hidden_layers"] * kv_heads * head_dim * itemsize
 
 
+def model_heads(spec: str) -> tuple[int, int] | None:
+    """(attention heads, KV heads) of a built-in model name or a model folder (its
+    ``config.json``); None when neither says (e.g. a folder not there yet). MLA models
+    count one KV head: their latent cache is replicated on every TP rank."""
+    if spec in BUILTIN_MODELS:
+        m = BUILTIN_MODELS[spec]
+        return m.num_heads, m.num_kv_heads
+    try:
+        cfg = json.loads((Path(spec).expanduser() / "config.json").read_text())
+        text = cfg.get("text_config", cfg)
+        heads = int(text["num_attention_heads"])
+        kv = 1 if text.get("kv_lora_rank") else int(text.get("num_key_value_heads") or heads)
+        return heads, kv
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def kv_heads_of(spec: str) -> int | None:
+    """The KV heads of ``spec`` (``model_heads``), or None when unknown."""
+    heads = model_heads(spec)
+    return heads[1] if heads else None
+
+
 def resolve_model(spec: str) -> Path:
     """Turn a model argument into a local folder vLLM can load.
 

@@ -15,7 +15,9 @@ import yaml
 from pydantic import ValidationError
 
 from disagg.config import Topology
+from disagg.models import model_heads
 from disagg.scheduler import policy_names, validate_options
+from disagg.tp_layout import tp_problem
 
 
 class TopologyError(ValueError):
@@ -54,9 +56,29 @@ def check_names(topology: Topology, source: str = "<topology>") -> Topology:
             validate_options(name, options)
         except ValidationError as err:
             lines += _describe(err, ("scheduler", "policy_options", name))
+    lines += _tp_lines(topology)
     if lines:
         raise TopologyError("\n".join([f"invalid topology {source}:", *lines]))
     return topology
+
+
+def _tp_lines(topology: Topology) -> list[str]:
+    """Each pool's TP size must shard the model's KV heads as vLLM does (when the model's
+    head count is known here: built-in models, or a folder with its config.json)."""
+    known = model_heads(topology.model)
+    if known is None:
+        return []
+    heads, kv_heads = known
+
+    def problem(tp: int) -> str | None:
+        if heads % tp:
+            return f"TP {tp} does not divide the model's {heads} attention heads"
+        return tp_problem(kv_heads, tp)
+
+    valid = [t for t in range(1, 17) if problem(t) is None]
+    return [f"  {role}.tensor_parallel_size: {why}; use one of {', '.join(map(str, valid))}"
+            for role in ("prefill", "decode")
+            if (why := problem(getattr(topology, role).tensor_parallel_size))]
 
 
 def parse_topology(data: dict[str, Any] | None, source: str = "<dict>") -> Topology:
