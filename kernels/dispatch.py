@@ -14,7 +14,12 @@ from typing import Literal
 import torch
 
 from .geometry import KVLayout
-from .reference import gather_reference, scatter_reference
+from .reference import (
+    gather_heads_reference,
+    gather_reference,
+    scatter_heads_reference,
+    scatter_reference,
+)
 
 Impl = Literal["auto", "torch", "triton"]
 
@@ -56,6 +61,50 @@ def scatter_blocks(
         scatter_triton(chunk, kv_caches, block_ids, layout)
     else:
         scatter_reference(chunk, kv_caches, block_ids, layout)
+
+
+def gather_heads(
+    kv_caches: Sequence[torch.Tensor],
+    block_ids: Sequence[int] | torch.Tensor,
+    heads: tuple[int, int],
+    layout: KVLayout | str,
+    out: torch.Tensor | None = None,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Copy KV heads ``h0 .. h1-1`` (``heads`` = ``(h0, h1)``) of blocks ``block_ids`` of every
+    layer into a head-major chunk ``[Hs, L, P, n, D]``; ``out[i]`` is head ``h0 + i``'s
+    TP-independent part.
+
+    Contract as ``reference.gather_heads_reference``: raises ValueError on a layout, head
+    range, id or buffer mismatch; asynchronous with respect to the host on CUDA.
+    """
+    if _use_triton(kv_caches, impl):
+        from .triton_paged import gather_heads_triton  # as in gather_blocks
+
+        return gather_heads_triton(kv_caches, block_ids, heads, layout, out)
+    return gather_heads_reference(kv_caches, block_ids, heads, layout, out)
+
+
+def scatter_heads(
+    chunk: torch.Tensor,
+    kv_caches: Sequence[torch.Tensor],
+    block_ids: Sequence[int] | torch.Tensor,
+    heads: tuple[int, int],
+    layout: KVLayout | str,
+    impl: Impl = "auto",
+) -> None:
+    """Copy a head chunk ``[Hs, L, P, n, D]`` into KV heads ``h0 .. h1-1`` of distinct blocks
+    ``block_ids`` of every layer, in place.
+
+    Contract as ``reference.scatter_heads_reference``: raises ValueError on a mismatch or a
+    repeated id.
+    """
+    if _use_triton(kv_caches, impl):
+        from .triton_paged import scatter_heads_triton  # as in gather_blocks
+
+        scatter_heads_triton(chunk, kv_caches, block_ids, heads, layout)
+    else:
+        scatter_heads_reference(chunk, kv_caches, block_ids, heads, layout)
 
 
 def _use_triton(kv_caches: Sequence[torch.Tensor], impl: Impl) -> bool:
