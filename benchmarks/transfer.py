@@ -68,6 +68,7 @@ def _compat(num_blocks: int) -> Compat:
         block_size=BLOCK,
         num_layers=LAYERS,
         plane_bytes=[block_bytes] * LAYERS,
+        num_kv_heads=KV_HEADS,
     )
 
 

@@ -39,7 +39,8 @@ def _worker(name: str, fill: bool, channel_key: bytes | None = KEY,
     caches = [(torch.randn if fill else torch.zeros)(NB, 2, 16, 32).to(torch.bfloat16)
               for _ in range(LAYERS)]
     compat = Compat(model="m", dtype="bfloat16", block_size=16, num_layers=LAYERS,
-                    plane_bytes=[caches[0][0].numel() * 2] * LAYERS)
+                    plane_bytes=[caches[0][0].numel() * 2] * LAYERS,
+                    num_kv_heads=caches[0].shape[1])
     w = ConnectorWorker(connector_config(**fields), name, 0, compat, channel_key=channel_key)
     w.register({f"l{i}": t for i, t in enumerate(caches)}, NB)
     return w, caches

@@ -42,7 +42,8 @@ def _worker(name: str, fill: bool, store: dict, **fields):
     caches = [(torch.randn if fill else torch.zeros)(NB, 2, BLOCK, 32).to(torch.bfloat16)
               for _ in range(LAYERS)]
     compat = Compat(model="m", dtype="bfloat16", block_size=BLOCK, num_layers=LAYERS,
-                    plane_bytes=[caches[0][0].numel() * 2] * LAYERS)
+                    plane_bytes=[caches[0][0].numel() * 2] * LAYERS,
+                    num_kv_heads=caches[0].shape[1])
     st = StoreConfig(chunk_tokens=CHUNK, cpu_gib=(1 << 22) / (1 << 30), lookup_timeout_s=2,
                      **store)
     w = ConnectorWorker(connector_config(store=st, **fields), name, 0, compat, model_id="w1",

@@ -20,7 +20,7 @@ from disagg.transfer.store.keys import (
 )
 
 FP = KVFingerprint(model="tiny@abc123", dtype="bfloat16", layout="cpu", block_size=16,
-                   tp_rank=0, tp_size=1)
+                   head=0, num_heads=2)
 C = 64
 TOKENS = random.Random(7).choices(range(50_000), k=5 * C + 10)
 
@@ -35,7 +35,7 @@ def test_keys_follow_the_documented_chain():
     """An independent implementation of the formula in keys.py's docstring."""
 
     def h(*parts: bytes) -> bytes:
-        d = hashlib.blake2b(digest_size=32, person=b"disagg-kv-v1")
+        d = hashlib.blake2b(digest_size=32, person=b"disagg-kv-v2")
         for p in parts:
             d.update(p)
         return d.digest()
@@ -82,15 +82,12 @@ def test_a_changed_token_changes_its_chunk_and_every_later_one():
 
 @pytest.mark.parametrize("change", [
     {"model": "tiny@def456"}, {"dtype": "float16"}, {"layout": "cuda"}, {"block_size": 32},
-    {"tp_size": 2}, {"tp_size": 2, "tp_rank": 1},
+    {"head": 1}, {"num_heads": 4},
 ], ids=lambda c: "+".join(c))
 def test_every_fingerprint_field_changes_every_key(change):
     a = chunk_keys(TOKENS, FP, C)
     b = chunk_keys(TOKENS, dataclasses.replace(FP, **change), C)
     assert len(a) == len(b) and not set(a) & set(b)
-    if "tp_rank" in change:  # rank 1 of 2 differs from rank 0 of 2, not only from 0 of 1
-        rank0 = chunk_keys(TOKENS, dataclasses.replace(FP, tp_size=2), C)
-        assert not set(rank0) & set(b)
 
 
 def test_chunk_size_is_part_of_the_key():
@@ -112,8 +109,8 @@ def test_chunk_size_must_be_whole_blocks():
 
 
 def test_fingerprint_and_key_validation():
-    with pytest.raises(ValueError, match="tp_rank"):
-        KVFingerprint("m", "bfloat16", "cpu", 16, tp_rank=2, tp_size=2)
+    with pytest.raises(ValueError, match="head 2 outside"):
+        KVFingerprint("m", "bfloat16", "cpu", 16, head=2, num_heads=2)
     with pytest.raises(ValueError, match="block_size"):
         KVFingerprint("m", "bfloat16", "cpu", 0)
     with pytest.raises(ValueError, match="32 bytes"):

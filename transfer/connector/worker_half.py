@@ -30,7 +30,7 @@ import torch
 
 from disagg.config import ConnectorConfig, StoreConfig
 from disagg.credentials import SECRET_ENV, channel_key_from_env
-from disagg.tp_layout import contacts
+from disagg.tp_layout import contacts, rank_heads
 from disagg.transfer.connector.loaders import KVLoader, LoadResult, PeerLoader
 from disagg.transfer.connector.metadata import (
     DisaggMetadata,
@@ -174,8 +174,9 @@ class ConnectorWorker:
         )
 
         layout = KVLayout.CUDA if tensors[0].is_cuda else KVLayout.CPU
-        fp = fingerprint(self.compat, layout, self.tp_rank, self.model_id)
-        codec = ChunkCodec(tensors, self.compat.block_size, st.chunk_tokens, fp)
+        fp = fingerprint(self.compat, layout, self.model_id)
+        heads = rank_heads(self.compat.num_kv_heads, self.compat.tp_size, self.tp_rank)
+        codec = ChunkCodec(tensors, self.compat.block_size, st.chunk_tokens, fp, heads)
         self.store = store = build_store(st)
         self._store_pool = ThreadPoolExecutor(max_workers=STORE_THREADS,
                                               thread_name_prefix="disagg-store")
@@ -184,8 +185,8 @@ class ConnectorWorker:
                                             self._store_done, threads=STORE_THREADS)
         self.saver = StoreSaver(store, codec, stats, self._store_pool, self._store_done)
         if self.tp_rank == 0:  # the scheduler asks rank 0 what the store holds
-            self._lookup = LookupServer(self.engine_id, store, codec.keys,
-                                        self._count_lookup)
+            self._lookup = LookupServer(self.engine_id, store, codec.flat_keys,
+                                        self._count_lookup, per_chunk=codec.num_heads)
         logger.info("engine %s rank %d: KV store %s, %d-token chunks", self.engine_id,
                     self.tp_rank, [t.name for t in store.tiers], codec.chunk_tokens)
 

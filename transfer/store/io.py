@@ -19,14 +19,14 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import torch
 
 from disagg.config import StoreConfig
-from disagg.kernels import KVLayout, gather_blocks, scatter_blocks
-from disagg.kernels.geometry import bits, geometry
+from disagg.kernels import KVLayout, gather_heads, head_geometry, scatter_heads
+from disagg.kernels.geometry import bits
 from disagg.transfer.connector.loaders import KVLoader, LoadResult
 from disagg.transfer.connector.metadata import StoreLoadOrder, StoreSaveOrder
 from disagg.transfer.connector.stats import StatsSink
@@ -48,14 +48,14 @@ from disagg.transfer.store.redis import connect_url
 logger = logging.getLogger(__name__)
 
 
-def fingerprint(compat: Compat, layout: KVLayout, tp_rank: int,
-                model_id: str) -> KVFingerprint:
-    """What the chunk bytes depend on. ``model_id`` names the weights (the built-in models'
-    folders carry a content hash), ``compat.model`` the served name."""
-    shape = f"{layout.value}:{len(compat.plane_bytes)}x{compat.plane_bytes[0]}"
+def fingerprint(compat: Compat, layout: KVLayout, model_id: str) -> KVFingerprint:
+    """What a head's chunk bytes depend on (``head`` 0; the codec sets each head's).
+    ``model_id`` names the weights (the built-in models' folders carry a content hash),
+    ``compat.model`` the served name. No TP size: a head's bytes are the same at any."""
+    shape = f"{layout.value}:{len(compat.plane_bytes)}x{compat.head_bytes()[0]}"
     return KVFingerprint(model=f"{compat.model}@{model_id}", dtype=compat.dtype, layout=shape,
-                         block_size=compat.block_size, tp_rank=tp_rank,
-                         tp_size=compat.tp_size)
+                         block_size=compat.block_size, head=0,
+                         num_heads=compat.num_kv_heads)
 
 
 def build_store(s: StoreConfig) -> TieredStore:
@@ -70,42 +70,73 @@ def build_store(s: StoreConfig) -> TieredStore:
 
 
 class ChunkCodec:
-    """Converts between a list of block ids and one chunk's bytes for these KV tensors."""
+    """Converts between block ids and the store's chunks for these KV tensors.
+
+    A chunk is one KV head's part of ``blocks_per_chunk`` consecutive prompt blocks of every
+    layer (``disagg.kernels.gather_heads``: ``[L, P, n, D]``), keyed per head, so the chunks
+    of a prompt are the same whatever TP size saved them: a rank saves and loads the chunks
+    of the heads it holds (``heads``, global head ids). ``keys`` gives, per chunk of the
+    prompt, the keys of this rank's heads in order."""
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], block_size: int, chunk_tokens: int,
-                 fingerprint: KVFingerprint):
+                 fingerprint: KVFingerprint, heads: range | None = None):
         self.kv_caches = list(kv_caches)
         self.layout = KVLayout.CUDA if self.kv_caches[0].is_cuda else KVLayout.CPU
-        self.geometry = geometry(self.kv_caches, self.layout)
+        self.geometry = head_geometry(self.kv_caches, self.layout)
+        self.heads = heads if heads is not None else range(self.geometry.num_heads)
+        if len(self.heads) != self.geometry.num_heads:
+            raise ValueError(f"{len(self.heads)} heads named for a cache holding "
+                             f"{self.geometry.num_heads}")
         self.block_size = block_size
         self.chunk_tokens = chunk_tokens_for(block_size, chunk_tokens)
         self.blocks_per_chunk = self.chunk_tokens // block_size
-        self.fingerprint = fingerprint
+        self.fingerprints = [replace(fingerprint, head=h) for h in self.heads]
 
-    def keys(self, token_ids: Sequence[int]) -> list[ChunkKey]:
-        return chunk_keys(token_ids, self.fingerprint, self.chunk_tokens)
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
 
-    def encode(self, block_ids: Sequence[int]) -> memoryview:
-        chunk = gather_blocks(self.kv_caches, block_ids, self.layout)
-        return memoryview(bits(chunk.cpu()).numpy()).cast("B")
+    def keys(self, token_ids: Sequence[int]) -> list[list[ChunkKey]]:
+        per_head = [chunk_keys(token_ids, fp, self.chunk_tokens) for fp in self.fingerprints]
+        return [list(chunk) for chunk in zip(*per_head, strict=True)]
 
-    def decode_into(self, data: BytesLike, block_ids: Sequence[int], offset: int) -> None:
-        """Scatter blocks ``offset .. offset + len(block_ids) - 1`` of the chunk ``data``."""
+    def flat_keys(self, token_ids: Sequence[int]) -> list[ChunkKey]:
+        """``keys`` chunk by chunk, flattened: a prefix of k whole chunks is k * num_heads
+        keys (what a prefix lookup counts)."""
+        return [k for chunk in self.keys(token_ids) for k in chunk]
+
+    def encode(self, block_ids: Sequence[int]) -> list[memoryview]:
+        """One chunk per head this rank holds, in ``heads`` order."""
+        chunk = gather_heads(self.kv_caches, block_ids, (0, self.num_heads), self.layout)
+        raw = memoryview(bits(chunk.cpu()).numpy()).cast("B")
+        size = self.chunk_bytes()
+        return [raw[i * size:(i + 1) * size] for i in range(self.num_heads)]
+
+    def decode_into(self, data: Sequence[BytesLike], block_ids: Sequence[int],
+                    offset: int) -> None:
+        """Scatter blocks ``offset .. offset + len(block_ids) - 1`` of one chunk, given as
+        its heads' parts in ``heads`` order."""
+        if len(data) != self.num_heads:
+            raise ValueError(f"{len(data)} head parts for {self.num_heads} heads")
         g = self.geometry
-        with warnings.catch_warnings():  # read-only bytes: we only read (and copy) them
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(data, dtype=torch.uint8)
-        if raw.numel() != self.chunk_bytes():
-            raise ValueError(f"chunk of {raw.numel()} bytes, expected {self.chunk_bytes()}")
-        chunk = raw.view(bits(torch.empty(0, dtype=g.dtype)).dtype).view(
-            g.num_layers, g.num_planes, self.blocks_per_chunk, g.block_elems)
-        part = chunk[:, :, offset:offset + len(block_ids)].contiguous().view(g.dtype)
-        scatter_blocks(part.to(g.device), self.kv_caches, block_ids, self.layout)
+        int_dtype = bits(torch.empty(0, dtype=g.dtype)).dtype
+        for i, part in enumerate(data):
+            with warnings.catch_warnings():  # read-only bytes: we only read (and copy) them
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(part, dtype=torch.uint8)
+            if raw.numel() != self.chunk_bytes():
+                raise ValueError(f"chunk of {raw.numel()} bytes, expected {self.chunk_bytes()}")
+            head = raw.view(int_dtype).view(g.num_layers, g.num_planes, self.blocks_per_chunk,
+                                            g.head_elems)
+            piece = head[:, :, offset:offset + len(block_ids)].contiguous().view(g.dtype)
+            scatter_heads(piece.to(g.device), self.kv_caches, block_ids, (i, i + 1),
+                          self.layout)
 
     def chunk_bytes(self) -> int:
+        """Bytes of one head's part of one chunk (one stored value)."""
         g = self.geometry
         itemsize = torch.empty(0, dtype=g.dtype).element_size()
-        return g.num_layers * g.num_planes * self.blocks_per_chunk * g.block_elems * itemsize
+        return g.num_layers * g.num_planes * self.blocks_per_chunk * g.head_elems * itemsize
 
 
 JobOrder = TypeVar("JobOrder", StoreLoadOrder, StoreSaveOrder)
@@ -161,22 +192,23 @@ class StoreLoader(_StoreJobs[StoreLoadOrder], KVLoader[StoreLoadOrder]):
                  on_done: threading.Event | None = None, threads: int = 1):
         """``threads``: how many loads ``pool`` may run at once (a staging buffer each)."""
         super().__init__(store, codec, stats, pool, on_done)
-        self.per_batch = max(1, self.BATCH_BYTES // codec.chunk_bytes())
+        # Whole chunks per batch: each is one value per head this rank holds.
+        self.per_batch = max(1, self.BATCH_BYTES // (codec.chunk_bytes() * codec.num_heads))
         self._staging: queue.SimpleQueue[list[memoryview]] = queue.SimpleQueue()
         for _ in range(threads):
             self._staging.put(self._slots())
 
     def _slots(self) -> list[memoryview]:
-        size = self.codec.chunk_bytes()
-        buf = torch.zeros(self.per_batch * size, dtype=torch.uint8,
+        size, count = self.codec.chunk_bytes(), self.per_batch * self.codec.num_heads
+        buf = torch.zeros(count * size, dtype=torch.uint8,
                           pin_memory=self.codec.layout is KVLayout.CUDA)  # zeros: touched
         view = memoryview(buf.numpy())
-        return [view[k * size:(k + 1) * size] for k in range(self.per_batch)]
+        return [view[k * size:(k + 1) * size] for k in range(count)]
 
     def _run(self, order: StoreLoadOrder) -> int:
         """Fill the order's blocks from the store's leading chunks, a batch of chunks at a
         time; returns how many leading blocks loaded."""
-        bpc = self.codec.blocks_per_chunk
+        bpc, nh = self.codec.blocks_per_chunk, self.codec.num_heads
         keys = self.codec.keys(order.token_ids)
         first = order.first_block // bpc
         end = min((order.first_block + len(order.local_block_ids) - 1) // bpc + 1, len(keys))
@@ -184,14 +216,17 @@ class StoreLoader(_StoreJobs[StoreLoadOrder], KVLoader[StoreLoadOrder]):
         done, nbytes = 0, 0
         try:
             for c0 in range(first, end, self.per_batch):
-                batch = keys[c0:min(end, c0 + self.per_batch)]
+                batch = [k for chunk in keys[c0:min(end, c0 + self.per_batch)] for k in chunk]
                 values = self.store.get_prefix(batch, slots[:len(batch)])
-                for c, data in enumerate(values, start=c0):
+                whole = len(values) // nh  # a chunk loads only with all of its heads
+                for j in range(whole):
+                    c = c0 + j
                     offset = order.first_block + done - c * bpc
                     n = min(bpc - offset, len(order.local_block_ids) - done)
-                    self.codec.decode_into(data, order.local_block_ids[done:done + n], offset)
+                    parts = values[j * nh:(j + 1) * nh]
+                    self.codec.decode_into(parts, order.local_block_ids[done:done + n], offset)
                     done += n
-                    nbytes += memoryview(data).nbytes
+                    nbytes += sum(memoryview(p).nbytes for p in parts)
                 if len(values) < len(batch):
                     break  # a chunk no tier holds: the rest is computed
         finally:
@@ -224,19 +259,21 @@ class StoreSaver(_StoreJobs[StoreSaveOrder]):
     """Copies finished requests' full prompt chunks into the store (thread)."""
 
     def _run(self, order: StoreSaveOrder) -> None:
-        bpc = self.codec.blocks_per_chunk
+        bpc, nh = self.codec.blocks_per_chunk, self.codec.num_heads
         keys = self.codec.keys(order.token_ids)
-        have = self.store.lookup_prefix(keys)  # a shared prefix is usually stored already
+        # a shared prefix is usually stored already (by this rank, or any TP size's)
+        have = self.store.lookup_prefix([k for chunk in keys for k in chunk]) // nh
         saved = 0
         for c in range(have, len(keys)):
             blocks = order.block_ids[c * bpc:(c + 1) * bpc]
             if len(blocks) < bpc:
                 break
-            self.store.put(keys[c], self.codec.encode(blocks))
+            for key, part in zip(keys[c], self.codec.encode(blocks), strict=True):
+                self.store.put(key, part)
             saved += 1
         s = self._stats()
         s.add("store_saved_chunks", saved)
-        s.add("store_saved_bytes", saved * self.codec.chunk_bytes())
+        s.add("store_saved_bytes", saved * nh * self.codec.chunk_bytes())
 
     def poll(self) -> set[str]:
         """Requests whose copy is done (or failed: saving is best effort)."""

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 DEFAULT_CHUNK_TOKENS = 256
-_PERSON = b"disagg-kv-v1"  # bump to invalidate every stored key after a format change
+_PERSON = b"disagg-kv-v2"  # bump to invalidate every stored key after a format change
 DIGEST_SIZE = 32
 
 
@@ -62,14 +62,16 @@ class KVFingerprint:
     dtype: str  # KV cache dtype, e.g. "bfloat16", "fp8_e4m3"
     layout: str  # KV layout name, e.g. disagg.kernels.KVLayout.CPU.value
     block_size: int
-    tp_rank: int = 0
-    tp_size: int = 1
+    # A chunk holds one KV head (of the model's ``num_heads``): the same bytes whatever TP
+    # size the instance runs, so a chunk saved at one TP size loads at another.
+    head: int = 0
+    num_heads: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if not 0 <= self.tp_rank < self.tp_size:
-            raise ValueError(f"tp_rank {self.tp_rank} outside [0, tp_size={self.tp_size})")
+        if not 0 <= self.head < self.num_heads:
+            raise ValueError(f"head {self.head} outside [0, num_heads={self.num_heads})")
 
     def canonical(self) -> bytes:
         """Stable encoding: sorted-key JSON of the fields."""

@@ -34,8 +34,11 @@ class LookupServer:
 
     def __init__(self, engine_id: str, store: TieredStore,
                  keys: Callable[[Sequence[int]], list[ChunkKey]],
-                 on_lookup: Callable[[int, int], None] | None = None):
+                 on_lookup: Callable[[int, int], None] | None = None, per_chunk: int = 1):
+        """``keys``: a prompt's chunk keys, ``per_chunk`` (the heads this rank holds) per
+        chunk; a chunk counts only with all of its keys present."""
         self.store, self._keys, self._on_lookup = store, keys, on_lookup
+        self._per_chunk = per_chunk
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -53,9 +56,9 @@ class LookupServer:
             try:
                 tokens = msgspec.msgpack.decode(self._sock.recv(), type=list[int])
                 keys = self._keys(tokens)
-                hits = self.store.lookup_prefix(keys)
+                hits = self.store.lookup_prefix(keys) // self._per_chunk
                 if self._on_lookup is not None:
-                    self._on_lookup(len(keys), hits)
+                    self._on_lookup(len(keys) // self._per_chunk, hits)
             except Exception as exc:  # a bad request or a failing tier: answer "none"
                 logger.warning("store lookup failed: %s", exc)
                 hits = 0

@@ -1,0 +1,94 @@
+"""The KV store across TP sizes: chunks are per KV head, so what the ranks of a TP-2 instance
+save (each its half of the heads) loads into a TP-1 instance, and the reverse. Real
+ConnectorWorkers (one per rank) on real shared tiers (disk, Redis)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disagg.config import StoreConfig
+from disagg.tp_layout import rank_heads
+from disagg.transfer.connector.metadata import DisaggMetadata, StoreLoadOrder
+from disagg.transfer.connector.worker_half import ConnectorWorker
+from disagg.transfer.control.messages import Compat
+from disagg.transfer.store.lookup import LookupClient
+from tests.test_connector_worker import KEY, LAYERS, NB, _step_until, connector_config
+from tests.test_store_connector import BLOCK, CHUNK, PROMPT, _save, _shared_tiers
+
+HEADS = 4
+SRC_BLOCKS = tuple(range(3, 13))  # 10 blocks = 5 chunks
+DST_BLOCKS = (15, 14, 0, 1, 2, 5, 6, 7, 8, 9)
+
+
+def _instance(name: str, tp: int, tiers: dict, source: list[torch.Tensor] | None):
+    """The ranks of one instance; with ``source`` (global caches, every head) they hold
+    their share of it, else zeros."""
+    ranks = []
+    for r in range(tp):
+        heads = rank_heads(HEADS, tp, r)
+        caches = [(g[:, heads.start:heads.stop].contiguous() if source is not None else
+                   torch.zeros(NB, len(heads), BLOCK, 32, dtype=torch.bfloat16))
+                  for g in (source or [None] * LAYERS)]
+        compat = Compat(model="m", dtype="bfloat16", block_size=BLOCK, num_layers=LAYERS,
+                        plane_bytes=[caches[0][0].numel() * 2] * LAYERS, tp_size=tp,
+                        num_kv_heads=HEADS)
+        st = StoreConfig(chunk_tokens=CHUNK, cpu_gib=(1 << 22) / (1 << 30),
+                         lookup_timeout_s=2, **tiers)
+        w = ConnectorWorker(connector_config(store=st), name, r, compat, model_id="w1",
+                            channel_key=KEY)
+        w.register({f"l{i}": t for i, t in enumerate(caches)}, NB)
+        ranks.append((w, caches))
+    return ranks
+
+
+@pytest.mark.parametrize("kind", ["disk", "redis"])
+@pytest.mark.parametrize(("save_tp", "load_tp"), [(2, 1), (1, 2)])
+def test_a_chunk_saved_at_one_tp_size_loads_at_another(kind, save_tp, load_tp, tmp_path,
+                                                       request):
+    tiers = _shared_tiers(kind, tmp_path, request)
+    source = [torch.randn(NB, HEADS, BLOCK, 32).to(torch.bfloat16) for _ in range(LAYERS)]
+    saver = _instance(f"s{save_tp}-{kind}", save_tp, tiers, source)
+    loader = _instance(f"l{load_tp}-{kind}", load_tp, tiers, None)
+    try:
+        for w, _ in saver:
+            _save(w, "a", SRC_BLOCKS)
+        client = LookupClient(f"l{load_tp}-{kind}", timeout_s=2)
+        assert client.lookup(PROMPT) == 5  # asked of the loader's rank 0, as vLLM does
+        client.close()
+        order = StoreLoadOrder("b", DST_BLOCKS, PROMPT[:5 * CHUNK], first_block=0)
+        for w, _ in loader:
+            w.start(DisaggMetadata(store_loads=[order]))
+        for w, _ in loader:
+            _step_until([w], lambda r, w=w: "b" in r[w][1])
+            assert not w.load_errors()
+        for r, (w, caches) in enumerate(loader):
+            heads = rank_heads(HEADS, load_tp, r)
+            for got, g in zip(caches, source, strict=True):
+                want = g[list(SRC_BLOCKS)][:, heads.start:heads.stop]
+                assert torch.equal(got[list(DST_BLOCKS)], want)
+            assert w.take_stats().data["store_loaded_tokens"] == len(DST_BLOCKS) * BLOCK
+    finally:
+        for w, _ in saver + loader:
+            w.close()
+
+
+def test_a_chunk_missing_a_head_is_not_a_hit(tmp_path):
+    """Only rank 0 of a TP-2 instance saved: its heads alone are no chunk for TP 1."""
+    tiers = {"disk_path": str(tmp_path / "kv")}
+    source = [torch.randn(NB, HEADS, BLOCK, 32).to(torch.bfloat16) for _ in range(LAYERS)]
+    saver = _instance("half", 2, tiers, source)
+    loader = _instance("whole", 1, tiers, None)
+    try:
+        _save(saver[0][0], "a", SRC_BLOCKS)
+        client = LookupClient("whole", timeout_s=2)
+        assert client.lookup(PROMPT) == 0
+        client.close()
+        w = loader[0][0]
+        w.start(DisaggMetadata(store_loads=[StoreLoadOrder("b", DST_BLOCKS, PROMPT[:5 * CHUNK],
+                                                           first_block=0)]))
+        _step_until([w], lambda r: "b" in r[w][1])
+        assert w.load_errors() == set(DST_BLOCKS)  # recomputed, never half-loaded
+    finally:
+        for w, _ in saver + loader:
+            w.close()
