@@ -74,13 +74,6 @@ def rank_heads(num_kv_heads: int, tp_size: int, rank: int) -> range:
     return range(head, head + 1)
 
 
-def replica_index(num_kv_heads: int, tp_size: int, rank: int) -> int:
-    """0 for the first rank holding its heads, 1 for the next replica, ... (0 at TP <= K).
-    Only replica 0 saves to the KV store, so replicas do not write the same chunk twice."""
-    _check(num_kv_heads, tp_size)
-    return rank % (tp_size // num_kv_heads) if tp_size > num_kv_heads else 0
-
-
 @cache
 def read_plan(num_kv_heads: int, remote_tp: int, local_tp: int,
               local_rank: int) -> tuple[HeadSlice, ...]:
