@@ -6,6 +6,8 @@ Systems (``--systems``, run in this order; the first one run is the baseline of 
 - ``nixl``: vLLM's own NixlConnector 1P1D, one core each, behind ``benchmarks/proxy.py``.
 - ``disagg``: ``disagg serve --port P [--disagg-args ...] [TOPOLOGY]`` (``--disagg-topology``);
   skipped, with the reason, when ``disagg serve --help`` fails.
+- ``disagg@FILE``: the same with topology ``FILE`` instead, named by its stem (e.g.
+  ``disagg@small-p2d1``): topologies compared in one run, on the same cores.
 
 Every vLLM here runs in this project's venv, whose ``vllm.general_plugins`` entry point
 (``disagg.vllm_plugin``) grants AMX permission in every vLLM process (BRIEF §3): checked
@@ -35,7 +37,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -318,7 +320,7 @@ def run_point(
     """Start ``system``, warm it up, run ``workload`` once under ``load``, always tear down."""
     procs = Procs(log_dir)
     try:
-        url = STARTERS[system](s, procs)
+        url = STARTERS[system.partition("@")[0]](s, procs)
         model = served_models(url)[0].id
         warm_up(url, model, args.warmup)
         endpoint = EndpointConfig(
@@ -334,7 +336,7 @@ def run_point(
             slo_from_args(args),
             config={"system": system, "command": shlex.join(sys.argv)},
         )
-        if system == "disagg":  # which requests skipped the prefill hop, and why
+        if system.startswith("disagg"):  # which requests skipped the prefill hop, and why
             report.config["gateway_decisions"] = {
                 f"{dict(labels)['path']} {dict(labels)['reason']}": value
                 for (_, labels), value in series(url, "disagg_decisions").items() if value}
@@ -343,10 +345,20 @@ def run_point(
         procs.close()
 
 
+def system_label(system: str) -> str:
+    """``disagg@path/to/name.yaml`` is reported as ``disagg@name``."""
+    kind, _, topology = system.partition("@")
+    return f"{kind}@{Path(topology).stem}" if topology else system
+
+
 def run_system(
     s: Setup, system: str, workload: Workload, loads: list[LoadConfig], args
 ) -> SystemRun:
     """Every load point on ``system``; failures are recorded, not raised (Ctrl-C is)."""
+    kind, _, topology = system.partition("@")
+    if topology:
+        s = replace(s, disagg_topology=topology)
+    system = system_label(system)
     out = SystemRun(system)
     for load in loads:
         tag = f"{args.section or workload.name}-{system}-{load.label.replace('=', '')}"
@@ -442,8 +454,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    if unknown := set(systems) - set(SYSTEMS):
-        raise SystemExit(f"unknown systems: {', '.join(sorted(unknown))}")
+    if unknown := {x for x in systems if x not in SYSTEMS and not (
+            x.startswith("disagg@") and Path(x[len("disagg@"):]).is_file())}:
+        raise SystemExit(f"unknown systems (or topology files not found): "
+                         f"{', '.join(sorted(unknown))}")
     check_amx_plugin(args.python)
     model_path = resolve_model(args.model)
     a, b = (int(x) for x in args.cores.split(","))

@@ -92,3 +92,38 @@ def test_a_chunk_missing_a_head_is_not_a_hit(tmp_path):
     finally:
         for w, _ in saver + loader:
             w.close()
+
+
+@pytest.mark.parametrize(("save_alloc", "load_alloc"), [("nhd", "hnd"), ("hnd", "nhd"),
+                                                        ("hnd", "hnd")])
+def test_cuda_layout_chunks_cross_tp_sizes_and_allocations(save_alloc, load_alloc):
+    """The codec on CUDA-shaped caches ([2, blocks, block_size, heads, head_size], NHD or
+    HND strides; CPU tensors here, the same code paths): TP-2 ranks' chunks rebuild a TP-1
+    cache exactly (the store goes through bytes, as here)."""
+    from disagg.kernels import KVLayout
+    from disagg.transfer.store.io import ChunkCodec
+    from disagg.transfer.store.keys import KVFingerprint
+
+    def alloc(t: torch.Tensor, how: str) -> torch.Tensor:
+        return t.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4) if how == "hnd" \
+            else t.contiguous()
+
+    fp = KVFingerprint("m", "bfloat16", "cuda", BLOCK, num_heads=HEADS)
+    source = [torch.randn(2, NB, BLOCK, HEADS, 16).to(torch.bfloat16) for _ in range(LAYERS)]
+    blocks = (3, 4, 9)
+    chunks: dict[int, bytes] = {}
+    keys = {}
+    for r in range(2):
+        heads = rank_heads(HEADS, 2, r)
+        caches = [alloc(g[:, :, :, heads.start:heads.stop], save_alloc) for g in source]
+        codec = ChunkCodec(caches, BLOCK, len(blocks) * BLOCK, fp, heads, KVLayout.CUDA)
+        for h, part, key in zip(heads, codec.encode(blocks), codec.keys(PROMPT)[0],
+                                strict=True):
+            chunks[h], keys[h] = bytes(part), key
+    dst = [alloc(torch.zeros(2, NB, BLOCK, HEADS, 16, dtype=torch.bfloat16), load_alloc)
+           for _ in range(LAYERS)]
+    codec = ChunkCodec(dst, BLOCK, len(blocks) * BLOCK, fp, range(HEADS), KVLayout.CUDA)
+    assert codec.keys(PROMPT)[0] == [keys[h] for h in range(HEADS)]  # same keys at any TP
+    codec.decode_into([chunks[h] for h in range(HEADS)], (0, 1, 2), 0)
+    for got, want in zip(dst, source, strict=True):
+        assert torch.equal(got[:, 0:3], want[:, list(blocks)])

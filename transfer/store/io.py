@@ -79,9 +79,11 @@ class ChunkCodec:
     prompt, the keys of this rank's heads in order."""
 
     def __init__(self, kv_caches: Sequence[torch.Tensor], block_size: int, chunk_tokens: int,
-                 fingerprint: KVFingerprint, heads: range | None = None):
+                 fingerprint: KVFingerprint, heads: range | None = None,
+                 layout: KVLayout | None = None):
+        """``layout``: the caches' (default: CUDA's for CUDA tensors, else the CPU's)."""
         self.kv_caches = list(kv_caches)
-        self.layout = KVLayout.CUDA if self.kv_caches[0].is_cuda else KVLayout.CPU
+        self.layout = layout or (KVLayout.CUDA if self.kv_caches[0].is_cuda else KVLayout.CPU)
         self.geometry = head_geometry(self.kv_caches, self.layout)
         self.heads = heads if heads is not None else range(self.geometry.num_heads)
         if len(self.heads) != self.geometry.num_heads:
