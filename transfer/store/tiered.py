@@ -85,6 +85,13 @@ class _WriteThrough:
 _STOP = object()
 
 
+@dataclass(slots=True)
+class _Call:
+    """How a tier call guarded by ``TieredStore._tier_errors`` ended."""
+
+    skipped: bool = False  # the tier's breaker was open: the call was not made
+
+
 class TieredStore:
     """Thread-safe facade over ``tiers`` (fastest first; at least one).
 
@@ -187,12 +194,15 @@ class TieredStore:
         return again
 
     @contextlib.contextmanager
-    def _tier_errors(self, i: int, op: str, key: ChunkKey) -> Iterator[None]:
-        """A tier call whose failure is a miss: a bypassed tier counts as skipped, an
-        OSError as ``_failed`` counts (and now and then logs) it, naming ``key``."""
+    def _tier_errors(self, i: int, op: str, key: ChunkKey) -> Iterator[_Call]:
+        """A tier call whose failure is a miss: a bypassed tier counts as skipped (and the
+        yielded ``_Call`` says so), an OSError as ``_failed`` counts (and now and then
+        logs) it, naming ``key``."""
+        call = _Call()
         try:
-            yield
+            yield call
         except TierUnavailable:
+            call.skipped = True
             self._count(i, skipped=1)
         except OSError as e:
             self._failed(i, op, key, e)
@@ -201,14 +211,11 @@ class TieredStore:
         """Index of the fastest tier holding ``key``, or None. Does not change recency.
         A tier that fails or is bypassed counts as not holding it."""
         for i, tier in enumerate(self.tiers):
-            try:
+            found = False
+            with self._tier_errors(i, "lookup", key) as call:
                 found = tier.contains(key)
-            except TierUnavailable:
-                self._count(i, skipped=1)
+            if call.skipped:
                 continue
-            except OSError as e:
-                self._failed(i, "lookup", key, e)
-                found = False
             self._count(i, lookups=1, hits=int(found))
             if found:
                 return i
@@ -219,14 +226,11 @@ class TieredStore:
         promoted: into tier 0 before returning, into the tiers between in the background."""
         for i, tier in enumerate(self.tiers):
             start = time.perf_counter()
-            try:
+            data: bytes | None = None
+            with self._tier_errors(i, "load", key) as call:
                 data = tier.get(key)
-            except TierUnavailable:
-                self._count(i, skipped=1)
+            if call.skipped:
                 continue
-            except OSError as e:
-                self._failed(i, "load", key, e)
-                data = None
             hit = data is not None
             self._count(i, loads=1, load_hits=int(hit),
                         load_bytes=len(data) if data is not None else 0,
