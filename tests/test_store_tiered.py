@@ -169,6 +169,24 @@ def test_full_queue_drops_write_through_and_never_blocks(tmp_path):
         store.close()
 
 
+def test_the_heads_of_a_chunk_take_one_queue_slot():
+    """A chunk is saved as one entry per KV head; the queue bound counts chunks, so a
+    prompt's heads are not dropped where its whole chunks would have fit."""
+    gate = threading.Event()
+    slow = FakeBackend(64 * SIZE, gate=gate)
+    store = TieredStore([CpuBackend(64 * SIZE), slow], queue_size=2)
+    try:
+        store.put_many([(key(i), value(i)) for i in range(4)])  # one chunk, four heads
+        store.put_many([(key(i), value(i)) for i in range(4, 8)])
+        assert store.stats().writes_dropped == 0
+        gate.set()
+        assert store.flush(timeout=30)
+        assert slow.num_puts == 8 and all(slow.contains(key(i)) for i in range(8))
+    finally:
+        gate.set()
+        store.close()
+
+
 def test_tier_errors_never_reach_the_caller(tmp_path):
     flaky = FakeBackend(8 * SIZE)
     with TieredStore([CpuBackend(8 * SIZE), flaky]) as store:

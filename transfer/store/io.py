@@ -270,8 +270,7 @@ class StoreSaver(_StoreJobs[StoreSaveOrder]):
             blocks = order.block_ids[c * bpc:(c + 1) * bpc]
             if len(blocks) < bpc:
                 break
-            for key, part in zip(keys[c], self.codec.encode(blocks), strict=True):
-                self.store.put(key, part)
+            self.store.put_many(list(zip(keys[c], self.codec.encode(blocks), strict=True)))
             saved += 1
         s = self._stats()
         s.add("store_saved_chunks", saved)

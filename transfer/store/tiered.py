@@ -77,8 +77,9 @@ class StoreStats:
 
 @dataclass(frozen=True, slots=True)
 class _WriteThrough:
-    key: ChunkKey
-    data: bytes
+    """Entries written together (one chunk's heads), to ``tiers``; one slot of the queue."""
+
+    entries: tuple[tuple[ChunkKey, bytes], ...]
     tiers: tuple[int, ...]
 
 
@@ -246,11 +247,17 @@ class TieredStore:
     def put(self, key: ChunkKey, data: BytesLike) -> None:
         """Write ``data`` to tier 0 now and queue it for the tiers below. Never blocks on a
         lower tier. Raises RuntimeError after ``close``."""
+        self.put_many([(key, data)])
+
+    def put_many(self, entries: Sequence[tuple[ChunkKey, BytesLike]]) -> None:
+        """``put`` for entries that belong together (the heads of one chunk): they take one
+        slot of the write-through queue, so its bound counts chunks, not their parts."""
         if self._closed:
             raise RuntimeError("TieredStore is closed")
-        data = bytes(data)  # one immutable copy shared by every tier
-        self._save(0, key, data)
-        self._enqueue(key, data, tuple(range(1, len(self.tiers))))
+        frozen = tuple((key, bytes(data)) for key, data in entries)  # one copy for all tiers
+        for key, data in frozen:
+            self._save(0, key, data)
+        self._enqueue(frozen, tuple(range(1, len(self.tiers))))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued write-through is done; False if ``timeout`` ran out."""
@@ -300,13 +307,14 @@ class TieredStore:
         with self._stats_lock:
             self._stats.promotions += 1
         self._save(0, key, data)
-        self._enqueue(key, data, tuple(range(1, found_in)))
+        self._enqueue(((key, data),), tuple(range(1, found_in)))
 
-    def _enqueue(self, key: ChunkKey, data: bytes, tiers: tuple[int, ...]) -> None:
-        if not tiers:
+    def _enqueue(self, entries: tuple[tuple[ChunkKey, bytes], ...],
+                 tiers: tuple[int, ...]) -> None:
+        if not tiers or not entries:
             return
         try:
-            self._queue.put_nowait(_WriteThrough(key, data, tiers))
+            self._queue.put_nowait(_WriteThrough(entries, tiers))
         except queue.Full:
             with self._stats_lock:
                 self._stats.writes_dropped += 1
@@ -333,23 +341,24 @@ class TieredStore:
                 if item is _STOP:
                     return
                 for i in item.tiers:
-                    self._write_through(i, item)
+                    for key, data in item.entries:
+                        self._write_through(i, key, data)
             finally:
                 self._queue.task_done()
 
-    def _write_through(self, i: int, item: _WriteThrough) -> None:
+    def _write_through(self, i: int, key: ChunkKey, data: bytes) -> None:
         try:
             # Keys name content: a tier that holds the key already holds these bytes.
-            present = self.tiers[i].contains(item.key)
+            present = self.tiers[i].contains(key)
         except OSError as e:
-            self._failed(i, "save", item.key, e)  # the write-through did not happen
+            self._failed(i, "save", key, e)  # the write-through did not happen
             return
         except Exception:
-            logger.exception("store tier %s: checking %s failed", self.tiers[i].name, item.key)
+            logger.exception("store tier %s: checking %s failed", self.tiers[i].name, key)
             self._count(i, errors=1, save_errors=1)
             return
         if not present:
-            self._save(i, item.key, item.data)
+            self._save(i, key, data)
 
     def _failed(self, i: int, op: str, key: ChunkKey, e: OSError) -> None:
         """Count (and now and then log) tier ``i`` failing ``op`` ("lookup", "load" or
