@@ -67,7 +67,11 @@ class InstanceActor:
     def healthy(self) -> bool:
         return self._proc.healthy()
 
+    @ray.method(concurrency_group="control")
     def stop(self) -> None:
+        """Stop the engine for good. Runs on a thread of its own: it must not wait behind a
+        ``wait_ready`` still blocked on an engine that is loading (a launch that another
+        instance's failure ends stops every instance at once)."""
         self._stopping.set()
         with self._lock:
             self._proc.stop()
@@ -106,4 +110,4 @@ def _reconstructed() -> bool:
         return False
 
 
-RemoteInstance = ray.remote(InstanceActor)
+RemoteInstance = ray.remote(concurrency_groups={"control": 1})(InstanceActor)

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,7 +52,8 @@ class InstanceSpec(BaseModel):
     transfer: TransferConfig
     store: StoreConfig = Field(default_factory=StoreConfig)
     tensor_parallel_size: int = 1
-    cpu_cores: list[int] = Field(default_factory=list, description="Cores to pin, CPU only.")
+    cpu_cores: list[int] = Field(default_factory=list, description=(
+        "Cores to pin, CPU only; split among the tensor-parallel ranks (rank_cores)."))
     side_channel_port: int = Field(0, ge=0, description="0 picks a free port.")
     kv_events: bool = Field(True, description="Publish vLLM's KV-cache events (ZMQ).")
     log_dir: str
@@ -105,6 +107,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 # vLLM (and ZMQ) say this when a port picked as free was taken before the bind.
 _PORT_RACE = ("Address already in use", "address already in use")
+_PID_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ")
 _ROOT_CAUSE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:\S+ )*?(\w+(?:\.\w+)*(?:Error|Exception)): ")
 
 
@@ -174,6 +177,8 @@ class VLLMProcess:
         self.restarts = 0
         self._new_incarnation()
         self._proc: subprocess.Popen | None = None
+        self._stopped = False  # stop() was called: no (re)start from wait_healthy after it
+        self._lifecycle = threading.Lock()  # stop() against wait_healthy's port retry
         self._log_offset = 0  # where the current child's part of the log starts
         # reused: a client per poll costs real CPU
         self._http = httpx.Client(timeout=2, headers=self.auth_headers())
@@ -258,8 +263,9 @@ class VLLMProcess:
         if self.spec.cpu_cores:
             # Planned on the launcher's machine; this node may have fewer cores.
             cores = sorted({c % (os.cpu_count() or 1) for c in self.spec.cpu_cores})
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
-            env["DISAGG_CPU_AFFINITY"] = env["VLLM_CPU_OMP_THREADS_BIND"]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind(
+                rank_cores(cores, self.spec.tensor_parallel_size))
+            env["DISAGG_CPU_AFFINITY"] = ",".join(map(str, cores))  # the whole engine's
         # The engine runs in this process tree; keep Ray from adopting its children.
         env.pop("RAY_ADDRESS", None)
         # Secrets by environment, never argv (``ps`` shows argv to every local user).
@@ -296,17 +302,23 @@ class VLLMProcess:
         """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._proc is None or self._proc.poll() is not None:
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
                 log = self._log_since_start()
-                if port_retries > 0 and any(m in log for m in _PORT_RACE):
-                    port_retries -= 1
-                    logger.warning("engine %s: a port was taken during start-up; restarting "
-                                   "on fresh ports (%d retries left)", self.engine_id,
-                                   port_retries)
-                    self._pick_ports()
-                    self.start()
-                    continue
-                raise RuntimeError(f"engine {self.engine_id} exited during start-up: "
+                with self._lifecycle:  # a concurrent stop() wins: no engine after it
+                    if self._stopped:
+                        raise RuntimeError(f"engine {self.engine_id} stopped during start-up")
+                    if port_retries > 0 and any(m in log for m in _PORT_RACE):
+                        port_retries -= 1
+                        logger.warning("engine %s: a port was taken during start-up; "
+                                       "restarting on fresh ports (%d retries left)",
+                                       self.engine_id, port_retries)
+                        self._pick_ports()
+                        self.start()
+                        continue
+                status = proc.poll() if proc is not None else None
+                raise RuntimeError(f"engine {self.engine_id} exited during start-up "
+                                   f"(status {status}): "
                                    f"{root_cause(log) or 'no error in its log'}; see "
                                    f"{self.log_path}\n{self.log_tail()}")
             if self.healthy():
@@ -358,34 +370,81 @@ class VLLMProcess:
     def restart(self) -> None:
         """Replace a dead (or stuck) engine with a new incarnation on fresh ports."""
         self.stop(timeout_s=5)
+        self._stopped = False
         self.restarts += 1
         self._new_incarnation()
         self._pick_ports()
         self.start()
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """Ask the supervisor to stop vLLM's process group; SIGKILL it after ``timeout_s``."""
-        if self._proc is None:
+        """Ask the supervisor to stop vLLM's process group; SIGKILL it after ``timeout_s``.
+        Safe while another thread is in ``wait_healthy`` (which then fails at once)."""
+        with self._lifecycle:
+            self._stopped = True
+            proc, self._proc = self._proc, None
+        if proc is None:
             return
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
         try:
-            self._proc.wait(timeout=timeout_s)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait(timeout=5)
-        self._proc = None
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def rank_cores(cores: list[int], ranks: int) -> list[list[int]]:
+    """Each tensor-parallel rank's share of an instance's ``cores`` (its OpenMP threads).
+
+    With at least as many cores as ranks, the cores split into ``ranks`` contiguous runs
+    whose sizes differ by at most one (the first ranks take the extra cores): [0, 1, 2] for
+    2 ranks is [[0, 1], [2]]. With fewer cores than ranks, ranks share them round-robin:
+    TP 2 on core 0 is [[0], [0]] (vLLM accepts a core in several ranks' lists; each rank
+    then runs one thread there, and the two time-share the core).
+    """
+    if not cores or ranks < 1:
+        raise ValueError(f"need cores and ranks >= 1, got {cores} for {ranks} ranks")
+    if len(cores) < ranks:
+        return [[cores[r % len(cores)]] for r in range(ranks)]
+    size, extra = divmod(len(cores), ranks)
+    out, start = [], 0
+    for r in range(ranks):
+        end = start + size + (r < extra)
+        out.append(cores[start:end])
+        start = end
+    return out
+
+
+def threads_bind(rank_lists: list[list[int]]) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND``: one core list per rank, ``|``-separated ("0,1|2")."""
+    return "|".join(",".join(map(str, cores)) for cores in rank_lists)
 
 
 def root_cause(log: str) -> str | None:
     """The first exception line in a vLLM log (the engine core's, before the API server's
     generic "Engine core initialization failed"), without the log-line prefix."""
-    for line in log.splitlines():
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
         m = _ROOT_CAUSE.match(line)
         if m:
-            return line[m.start(1):].strip()
+            cause = line[m.start(1):].strip()
+            if "validation error" in cause:  # pydantic: the reasons are the next lines
+                cause = "; ".join([cause, *_validation_details(lines[i + 1:i + 7])])
+            return cause
     return None
+
+
+def _validation_details(lines: list[str]) -> list[str]:
+    """A pydantic ValidationError's lines after its first (field names, then each reason
+    indented), up to its "For further information" link or anything else."""
+    out = []
+    for line in lines:
+        text = _PID_PREFIX.sub("", line, count=1).strip()
+        if not text or text.startswith(("For further information", "Traceback", "File ")):
+            break
+        out.append(text)
+    return out
 
 
 _LOAD_SERIES = {"vllm:num_requests_running": "running",

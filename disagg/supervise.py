@@ -6,7 +6,7 @@ vLLM process group (API server, engine core, workers): no orphaned engines. SIGT
 wrapper does the same. If the wrapper itself is killed (Ray SIGKILLs a dead worker's
 children), the kernel sends vLLM's API server SIGTERM (PR_SET_PDEATHSIG; this process's
 main thread forked it and lives as long as the process), and vLLM stops its own engine.
-Exit status is CMD's.
+Exit status is CMD's (128 + N if signal N ended it, as a shell reports it).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -62,19 +63,28 @@ def main(argv: list[str]) -> int:
     proc = subprocess.Popen(argv[1:], start_new_session=True, stdin=subprocess.DEVNULL,
                             preexec_fn=_term_with_parent)
     stop = threading.Event()
-
-    def watch_stdin() -> None:
-        while sys.stdin.buffer.read(4096):
-            pass
-        stop.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    while not stop.is_set() and proc.poll() is None:
-        stop.wait(0.5)
+    # stdin is watched here, on the raw descriptor, not by a reader thread: a daemon thread
+    # blocked in ``sys.stdin.buffer.read`` holds the buffer's lock, and the interpreter's
+    # shutdown then aborts ("Fatal Python error: _enter_buffered_busy ... <stdin>").
+    while not stop.is_set() and proc.poll() is None and _stdin_open(0.5):
+        pass
     _stop_group(proc)
-    return proc.returncode if proc.returncode is not None else 1
+    if proc.returncode is None:
+        return 1
+    return 128 - proc.returncode if proc.returncode < 0 else proc.returncode  # as a shell
+
+
+def _stdin_open(timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for stdin; False once it is closed (EOF or an error)."""
+    fd = sys.stdin.fileno()
+    if not select.select([fd], [], [], timeout_s)[0]:
+        return True
+    try:
+        return bool(os.read(fd, 4096))
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

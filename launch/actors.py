@@ -10,15 +10,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayError, RayTaskError
 
 from disagg.actor import RemoteInstance
 from disagg.config import Pool, Topology
 from disagg.instance import InstanceInfo, InstanceSpec, Role
 from disagg.launch.placement import assign_cores
+
+
+class StartupError(RuntimeError):
+    """An instance failed to start; ``key`` names it, the message holds its root cause."""
+
+    def __init__(self, key: str, cause: str):
+        super().__init__(f"instance {key} failed to start: {cause}")
+        self.key = key
+
+
+def _cause(exc: RayError) -> str:
+    """What went wrong in the actor, without Ray's wrapping: the actor's own exception for a
+    failed call, Ray's account (with the traceback of ``__init__``) for a dead actor."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        return str(exc.cause)
+    return str(exc)
 
 
 class InstanceActors:
@@ -87,9 +105,27 @@ class InstanceActors:
         return key
 
     def wait_ready(self, keys: list[str], timeout_s: float) -> dict[str, InstanceInfo]:
-        """Block until every engine of ``keys`` is healthy; their addresses."""
-        refs = {k: self._handles[k].wait_ready.remote(timeout_s) for k in keys}
-        return {k: ray.get(r) for k, r in refs.items()}
+        """Block until every engine of ``keys`` is healthy; their addresses.
+
+        The first instance that fails to start ends the wait at once (the others may still
+        be loading): ``StartupError`` naming it, with its engine's root cause and log.
+        """
+        keys_of = {self._handles[k].wait_ready.remote(timeout_s): k for k in keys}
+        ready: dict[str, InstanceInfo] = {}
+        pending = list(keys_of)
+        # the actors time out by themselves; this bounds a wait on a stuck actor
+        deadline = time.monotonic() + timeout_s + 60
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1,
+                                     timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise StartupError(keys_of[pending[0]], f"not ready after {timeout_s:.0f} s")
+            key = keys_of[done[0]]
+            try:
+                ready[key] = ray.get(done[0])
+            except RayError as exc:
+                raise StartupError(key, _cause(exc)) from None
+        return {k: ready[k] for k in keys}
 
     async def locate(self, key: str) -> InstanceInfo | None:
         """Where instance ``key`` serves now (a restarted actor comes back on new ports)."""

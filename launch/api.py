@@ -33,13 +33,15 @@ from disagg.config import Topology
 from disagg.credentials import deployment_secret, engine_token
 from disagg.gateway import Gateway, ServedModel
 from disagg.instance import InstanceInfo, Role, stop_local_supervisor
-from disagg.launch.actors import InstanceActors
+from disagg.launch.actors import InstanceActors, StartupError
 from disagg.launch.server import GatewayServer, GatewayWorkers, build_gateway, listen_socket
 from disagg.launch.topology import check_names, load_topology, parse_topology
 from disagg.models import kv_bytes_per_token, resolve_model
 from disagg.pool import Member
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Deployment", "StartupError", "launch"]
 
 READY_TIMEOUT_S = float(os.environ.get("DISAGG_READY_TIMEOUT_S", "900"))
 # After a prefill instance's last request answered, decoders may still be reading its KV.
@@ -188,7 +190,12 @@ class Deployment:
 
     def _grow(self, role: Role, count: int, replicas: int) -> None:
         keys = self._actors.spawn(role, count, replicas)
-        for key, info in self._actors.wait_ready(keys, READY_TIMEOUT_S).items():
+        try:
+            ready = self._actors.wait_ready(keys, READY_TIMEOUT_S)
+        except BaseException:  # none of them joins: stop every one begun
+            self._actors.stop(keys)
+            raise
+        for key, info in ready.items():
             self.instances[key] = info
             self.gateway.call(self.gateway.add_instance, key, info)
             if self._workers is not None:
@@ -252,6 +259,9 @@ def _busy(m: Member) -> bool:
 def launch(topology: Topology | str | Path | dict[str, Any] | None = None,
            address: str | None = None, port: int | None = None) -> Deployment:
     """Start a deployment and return it once every instance is healthy and the gateway is up.
+
+    If an instance fails to start, every instance begun is stopped (and a Ray cluster
+    started here shut down) before ``StartupError`` names it with its root cause.
 
     ``address``: a Ray cluster to join ("auto", "ray://..."); None joins the cluster this
     process runs in (``ray job submit``) or starts a local one.

@@ -19,7 +19,7 @@ from disagg.models import cli_prepare
 def _serve(args: argparse.Namespace) -> int:
     # Here, not at the top: Ray and the serving plane load in seconds, and only `serve`
     # needs them.
-    from disagg.launch.api import launch
+    from disagg.launch.api import StartupError, launch
 
     try:
         topo = load_topology(args.topology) if args.topology else parse_topology({})
@@ -32,6 +32,9 @@ def _serve(args: argparse.Namespace) -> int:
         dep = launch(topo, address=args.address, port=args.port)
     except KeyboardInterrupt:
         return 130
+    except StartupError as exc:  # launch() stopped everything it began
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -5,6 +5,10 @@ from a running offset, wrapping around the node's cores. Whole-core requests get
 their own while the node has enough; fractional ones (0.5 + 0.5) share a core, so small
 machines can still run 2P1D. Ray's own accounting (``num_cpus`` on each actor) keeps the
 totals honest; this only decides *which* cores.
+
+An instance's cores are shared by its tensor-parallel ranks: the instance splits them into
+one bind list per rank when it starts (``disagg.instance.rank_cores``: contiguous even runs,
+or ranks sharing cores round-robin when there are fewer cores than ranks).
 """
 
 from __future__ import annotations

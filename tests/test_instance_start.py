@@ -110,6 +110,27 @@ def test_root_cause_skips_vllm_log_prefix_and_picks_the_first_error():
     assert root_cause("all fine\n") is None
 
 
+def test_root_cause_of_a_validation_error_carries_its_reasons():
+    """vLLM's config errors are pydantic ValidationErrors: the reason is on the next lines."""
+    log = (
+        "  File \"x.py\", line 1, in create_model_config\n"
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+        "  Value error, User-specified max_model_len (100000) is greater than the derived "
+        "max_model_len [type=value_error]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n"
+        "RuntimeError: later\n"
+    )
+    assert root_cause(log) == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig; "
+        "Value error, User-specified max_model_len (100000) is greater than the derived "
+        "max_model_len [type=value_error]")
+    log = ("(APIServer pid=7) pydantic.ValidationError: 1 validation error for X\n"
+           "(APIServer pid=7) a\n(APIServer pid=7)   Input should be a valid integer\n"
+           "(APIServer pid=7) \n")
+    assert root_cause(log) == ("pydantic.ValidationError: 1 validation error for X; a; "
+                               "Input should be a valid integer")
+
+
 
 def test_an_engine_binds_only_an_address_of_its_own_node(monkeypatch):
     """The advertised address is bound as is; one that is not this node's (a NAT'd or
