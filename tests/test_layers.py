@@ -6,7 +6,8 @@
     scheduler   gateway routing: policies, decider, prefix index           config
     transfer    the vLLM connector, NIXL, ZMQ control, KV store            config, kernels
     kernels     paged-KV gather/scatter                                    config
-    config      disagg.config (schema), disagg.tiers (tier names)          nothing of ours
+    config      disagg.config (schema), disagg.tiers (tier names),
+                disagg.tp_layout (which KV heads a TP rank holds and reads)   nothing of ours
 
 Imports inside functions count too (ARCHITECTURE.md explains the layers).
 """
@@ -36,7 +37,7 @@ ALLOWED = {
 
 def layer_of(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] in ("config", "tiers", "credentials"):
+    if len(parts) == 1 or parts[1] in ("config", "tiers", "credentials", "tp_layout"):
         return "config"
     if len(parts) > 1 and parts[1] in ("kernels", "transfer", "scheduler", "launch", "bench"):
         return parts[1]
