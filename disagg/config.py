@@ -129,8 +129,9 @@ class TransferConfig(_Strict):
     )
     base_port: Annotated[int, Field(ge=0, le=65000)] = Field(
         0,
-        description="First side-channel port; instance k (and TP rank r) takes base_port + "
-        "its offset + r. 0 picks free ports on each node.",
+        description="First side-channel port: prefill i takes base_port + 2i*T, decode i "
+        "base_port + (2i+1)*T (T the larger TP size), and TP rank r that plus r. 0 picks free "
+        "ports on each node.",
     )
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,28 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def free_run(n: int, host: str = "127.0.0.1", exclude: AbstractSet[int] = frozenset(),
+             tries: int = 100) -> int:
+    """The first of ``n`` consecutive ports free right now (none in ``exclude``). As with
+    ``free_ports``, another process may take one before its user binds it."""
+    for _ in range(tries):
+        base = free_port(host)
+        run = range(base, base + n)
+        if run.stop > 65536 or any(p in exclude for p in run):
+            continue
+        sockets = [socket.socket() for _ in run]
+        try:
+            for s, port in zip(sockets, run, strict=True):
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no run of {n} free ports on {host} after {tries} tries")
 
 
 # vLLM (and ZMQ) say this when a port picked as free was taken before the bind.
@@ -191,10 +214,14 @@ class VLLMProcess:
         self.log_path = str(Path(self.spec.log_dir) / f"{self.engine_id}.log")
 
     def _pick_ports(self) -> None:
-        """HTTP, side-channel (unless fixed by the topology) and KV-event ports, distinct."""
+        """HTTP, side-channel (unless fixed by the topology) and KV-event ports, distinct.
+        TP rank r's side channel listens on side_channel_port + r: with TP > 1 the base
+        starts a run of free ports."""
         ports = free_ports(4)
         self.port = ports[0]
-        self.side_channel_port = self.spec.side_channel_port or ports[1]
+        tp = self.spec.tensor_parallel_size
+        self.side_channel_port = self.spec.side_channel_port or (
+            ports[1] if tp == 1 else free_run(tp, exclude=set(ports)))
         self.events_port, self.replay_port = (ports[2], ports[3]) if self.spec.kv_events \
             else (0, 0)
 

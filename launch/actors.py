@@ -79,9 +79,10 @@ class InstanceActors:
         key = f"{role}-{index}"
         self._next_index[role] = max(self._next_index.get(role, 0), index + 1)
         port = t.transfer.base_port
-        if port:  # instance k of the whole topology takes base_port + k * tp
-            offset = index if role == "prefill" else sized.prefill.replicas + index
-            port += offset * pool.tensor_parallel_size
+        if port:  # prefill i takes slot 2i, decode i slot 2i + 1: no overlap when pools
+            # scale; a slot spans the larger TP size (rank r listens on its port + r)
+            span = max(t.prefill.tensor_parallel_size, t.decode.tensor_parallel_size)
+            port += (2 * index + (role == "decode")) * span
         spec = InstanceSpec(
             role=role, index=index, model_path=t.model,
             served_model_name=self._served_model_name, engine=t.engine, transfer=t.transfer,

@@ -80,3 +80,18 @@ def test_prefill_hops_go_only_to_instances_the_decoder_can_read(tiny_model: Path
             assert "kv_transfer_params" not in dec.received[-1]
             text = httpx.get(server.url + "/metrics", timeout=10).text
             assert total(parse(text), "disagg_decisions", reason="no_prefill_instance") == 1
+
+
+def test_a_tp_instance_gets_a_run_of_free_side_channel_ports():
+    import socket
+
+    from disagg.instance import free_run
+
+    base = free_run(4, exclude={1, 2})
+    socks = [socket.socket() for _ in range(4)]
+    try:
+        for i, s in enumerate(socks):
+            s.bind(("127.0.0.1", base + i))  # rank i's side channel can listen there
+    finally:
+        for s in socks:
+            s.close()
