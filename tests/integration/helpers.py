@@ -23,13 +23,17 @@ from disagg.scrape import total
 @contextmanager
 def plain_vllm(model: Path, engine: dict, cores: str = "0-1",
                log: Path | None = None) -> Iterator[str]:
-    """A plain vLLM OpenAI server (no connector) with the same engine arguments."""
+    """A plain vLLM OpenAI server (no connector) with the same engine arguments;
+    ``engine["tensor_parallel_size"]`` > 1 runs that many ranks (``cores``: one list per
+    rank, ``|``-separated, as vLLM's CPU backend wants)."""
     port = free_port()
+    tp = int(engine.get("tensor_parallel_size", 1))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--served-model-name", engine["served_model_name"], "--port", str(port),
            "--dtype", engine["dtype"], "--max-model-len", str(engine["max_model_len"]),
            "--seed", "0", "--max-num-seqs", str(engine.get("max_num_seqs", 64)),
-           "--distributed-executor-backend", "uni"]
+           "--tensor-parallel-size", str(tp),
+           "--distributed-executor-backend", "mp" if tp > 1 else "uni"]
     if engine.get("enforce_eager"):
         cmd.append("--enforce-eager")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(engine.get("kv_cache_gib", 2)),
