@@ -133,3 +133,20 @@ def test_transfer_params_from_another_protocol_version_are_refused():
     with pytest.raises(ValidationError,
                        match=f"protocol version {other}, ours is {PROTOCOL_VERSION}"):
         KVTransferParams.parse({**params, "protocol_version": other})
+
+
+def test_compat_across_tp_sizes_compares_per_head_bytes():
+    """4 KV heads: a TP-2 rank's block holds 2 of them, a TP-1 block all 4."""
+    prefill = _compat(num_kv_heads=4, tp_size=2, plane_bytes=[2048] * 3)
+    decoder = _compat(num_kv_heads=4, tp_size=1, plane_bytes=[4096] * 3)
+    assert prefill.mismatch(decoder) is None and decoder.mismatch(prefill) is None
+    wrong_head = _compat(num_kv_heads=4, tp_size=1, plane_bytes=[8192] * 3)
+    assert "bytes per KV head" in prefill.mismatch(wrong_head)
+    nhd = decoder.model_copy(update={"head_major": False})
+    problem = prefill.mismatch(nhd)
+    assert "prefill TP 2 holds 2 KV heads per rank and decode TP 1 holds 4" in problem
+    assert "tp_size: ours=2 peer=1" in problem
+    # the same heads per rank need no split, whatever the layout
+    assert _compat(num_kv_heads=1, tp_size=2, head_major=False).mismatch(
+        _compat(num_kv_heads=1, tp_size=1, head_major=False)) is None
+    assert "num_kv_heads" in prefill.mismatch(_compat(num_kv_heads=8, tp_size=2))

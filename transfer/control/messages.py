@@ -95,12 +95,13 @@ class Compat(_Msg):
         return [b // n for b in self.plane_bytes]
 
     def mismatch(self, other: Compat) -> str | None:
-        """Name the first field that differs, or None when the two are compatible."""
+        """Name the first field that differs, or None when the two are compatible. Asked by
+        the side that serves KV (the prefill, ``self``) of a reader's (``other``)."""
         for name in ("model", "dtype", "block_size", "num_layers", "num_kv_heads"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 return f"{name}: ours={mine!r} peer={theirs!r}"
-        problem = pairing_problem(self.num_kv_heads, other.tp_size, self.tp_size,
+        problem = pairing_problem(self.num_kv_heads, self.tp_size, other.tp_size,
                                   self.head_major and other.head_major)
         if problem:
             return f"tp_size: ours={self.tp_size} peer={other.tp_size}: {problem}"
