@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -51,6 +50,7 @@ from disagg.admission import (
 )
 from disagg.aio import Stopped, unless
 from disagg.config import ApiConfig, SchedulerConfig, StoreConfig
+from disagg.engine_client import ConnectError, EngineClient
 from disagg.errors import APIError, http_error, unexpected_error, upstream_error
 from disagg.instance import InstanceInfo
 from disagg.kv_feed import KVEventFeed
@@ -85,6 +85,12 @@ class ServedModel:
 
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    """The request's headers, names in lower case, the first value of a repeated one: what
+    ``dict(request.headers)`` gives, without building Starlette's Headers first."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,15 +160,16 @@ class Gateway:
         self._deadline_s = api.request_timeout_s  # end to end, streams included
         self._engine_headers = {"Authorization": f"Bearer {engine_token}"} \
             if engine_token else {}
-        self._http: aiohttp.ClientSession | None = None  # opened with the app (lifespan)
+        self._http: EngineClient | None = None  # opened with the app (lifespan)
         # Request ids: random per process (workers never collide), then a counter.
         self._ids = (f"disagg-{os.urandom(5).hex()}{n:06x}" for n in itertools.count())
         self.relay = Relay(metrics)
         self._degraded = False  # every decoder down (logged once per change)
+        self._tiers: dict[tuple[str, str], tuple[str, ...]] = {}  # see _loadable
         self.app = self._build_app()
 
     @property
-    def _client(self) -> aiohttp.ClientSession:
+    def _client(self) -> EngineClient:
         if self._http is None:
             raise RuntimeError("the gateway's HTTP client is opened by the app's lifespan")
         return self._http
@@ -319,7 +326,7 @@ class Gateway:
     async def _serve(self, request: Request, path: str) -> Response:
         """Validate, admit, route and answer; the slot is held until the response ends."""
         start = time.perf_counter()
-        info = RequestInfo(next(self._ids), headers=dict(request.headers))
+        info = RequestInfo(next(self._ids), headers=_headers(request.scope))
         slot: Slot | None = None
         response: Response | None = None
         try:
@@ -457,15 +464,27 @@ class Gateway:
             return
         # vLLM always computes the last prompt token, so a hit never covers all of it.
         info.block_hashes = external_block_hashes(tokens[:-1], self.block_size)
+        block_size = self.block_size
         for m in self.pool.members.values():
             eid = m.info.engine_id
             hit = self.index.match(eid, info.block_hashes)
             if hit:
-                info.cached_tokens[eid] = hit * self.block_size
-            host = urlsplit(m.info.url).hostname or ""
-            with_store = self.index.match(eid, info.block_hashes, also=loadable_by(eid, host))
+                info.cached_tokens[eid] = hit * block_size
+            with_store = self.index.match(eid, info.block_hashes, also=self._loadable(m.info))
             if with_store > hit:
-                info.store_tokens[eid] = (with_store - hit) * self.block_size
+                info.store_tokens[eid] = (with_store - hit) * block_size
+
+    def _loadable(self, info: InstanceInfo) -> tuple[str, ...]:
+        """The store tiers instance ``info`` loads from (``tiers.loadable_by``), cached per
+        engine and address."""
+        key = (info.engine_id, info.url)
+        tiers = self._tiers.get(key)
+        if tiers is None:
+            if len(self._tiers) > 4096:  # engines restarted many times: start over
+                self._tiers.clear()
+            tiers = self._tiers[key] = loadable_by(info.engine_id,
+                                                   urlsplit(info.url).hostname or "")
+        return tiers
 
     def _pairable(self, decoder: Member) -> list[Member]:
         """Healthy prefill instances whose KV ``decoder`` can read (their TP sizes shard the
@@ -499,8 +518,6 @@ class Gateway:
                 status, content = await member.while_up(post_json(
                     self._client, member.info.url + path, dumps(pbody), info.request_id))
             except Exception as exc:  # noqa: BLE001  # any transport fault: decode locally
-                # (not only httpx.HTTPError: a peer that resets mid-connect can surface as
-                # OSError or, through anyio, AttributeError on the closed socket)
                 return self._prefill_failed(member, info, exc)
         self.metrics.prefill_hop.observe(time.perf_counter() - t0)
         if 400 <= status < 500:
@@ -521,7 +538,7 @@ class Gateway:
         logger.warning("request %s: prefill on %s (%s) failed, decoding locally: %s",
                        info.request_id, member.key, member.info.engine_id, describe(why))
         self.metrics.failures.labels("prefill", member.key).inc()
-        if isinstance(why, aiohttp.ClientConnectorError):  # refused: the instance is gone, stop now
+        if isinstance(why, ConnectError):  # refused: the instance is gone, stop now
             self.pool.mark_down(member, describe(why))
         return None
 
