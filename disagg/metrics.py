@@ -2,16 +2,44 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class Cached:
+    """A labelled metric whose children are looked up once: prometheus_client's
+    ``labels()`` costs a few microseconds per call (label checks, a lock), and the gateway
+    makes several per request. Label values are few (paths, statuses, instance names,
+    reasons); past ``MAX`` distinct ones, lookups go to ``labels()`` uncached."""
+
+    MAX = 10_000
+    __slots__ = ("metric", "_children")
+
+    def __init__(self, metric: Any):
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self.metric.labels(*values)
+            if len(self._children) < self.MAX:
+                self._children[values] = child
+        return child
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metric, name)
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("disagg_requests", "Client requests by endpoint and outcome.",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Cached(Counter(
+            "disagg_requests", "Client requests by endpoint and outcome.",
+            ["endpoint", "status"], registry=r))
         self.ttft = Histogram("disagg_ttft_seconds", "Time to first token at the gateway.",
                               buckets=_LAT, registry=r)
         self.itl = Histogram("disagg_itl_seconds", "Gap between streamed chunks.",
@@ -20,26 +48,31 @@ class GatewayMetrics:
                              buckets=_LAT, registry=r)
         self.prefill_hop = Histogram("disagg_prefill_hop_seconds",
                                      "Time of the prefill request.", buckets=_LAT, registry=r)
-        self.routed = Counter("disagg_instance_requests", "Requests sent to each instance.",
-                              ["role", "instance"], registry=r)
-        self.failures = Counter("disagg_failures", "Faults the gateway absorbed or returned.",
-                                ["kind", "instance"], registry=r)
-        self.decisions = Counter("disagg_decisions", "Prefill-hop decisions with their reason.",
-                                 ["path", "reason"], registry=r)
-        self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens routed to each "
-                                     "decode instance.", ["instance"], registry=r)
-        self.hit_tokens = Counter("disagg_prefix_hit_tokens", "Prompt tokens the chosen decode "
-                                  "instance held (prefix index): in its own cache (tier "
-                                  "engine) or, beyond that, in store tiers it loads from "
-                                  "(tier store).", ["instance", "tier"], registry=r)
-        self.imbalance = Gauge("disagg_load_imbalance", "Requests queued on the busiest "
-                               "instance minus on the idlest, per role.", ["role"], registry=r)
+        self.routed = Cached(Counter(
+            "disagg_instance_requests", "Requests sent to each instance.",
+            ["role", "instance"], registry=r))
+        self.failures = Cached(Counter(
+            "disagg_failures", "Faults the gateway absorbed or returned.",
+            ["kind", "instance"], registry=r))
+        self.decisions = Cached(Counter(
+            "disagg_decisions", "Prefill-hop decisions with their reason.",
+            ["path", "reason"], registry=r))
+        self.prompt_tokens = Cached(Counter(
+            "disagg_prompt_tokens", "Prompt tokens routed to each decode instance.",
+            ["instance"], registry=r))
+        self.hit_tokens = Cached(Counter(
+            "disagg_prefix_hit_tokens", "Prompt tokens the chosen decode instance held (prefix "
+            "index): in its own cache (tier engine) or, beyond that, in store tiers it loads "
+            "from (tier store).", ["instance", "tier"], registry=r))
+        self.imbalance = Cached(Gauge(
+            "disagg_load_imbalance", "Requests queued on the busiest instance minus on the "
+            "idlest, per role.", ["role"], registry=r))
         self.instance_restarts = Gauge(
             "disagg_instance_restarts", "Engines an instance restarted after they died; a "
             "climbing value is a crash loop.", ["role", "instance"], registry=r)
-        self.dropped_fields = Counter("disagg_dropped_fields", "Fields only the gateway may "
-                                      "set (kv_transfer_params & co.) that clients sent and "
-                                      "the gateway dropped.", ["field"], registry=r)
+        self.dropped_fields = Cached(Counter(
+            "disagg_dropped_fields", "Fields only the gateway may set (kv_transfer_params & "
+            "co.) that clients sent and the gateway dropped.", ["field"], registry=r))
         self.admitted = Counter("disagg_admitted", "Requests admitted to service (at once or "
                                 "after queueing).", registry=r)
         self.rejected = Counter("disagg_rejected", "Requests refused with 429: every slot "

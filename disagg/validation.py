@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
-from starlette.requests import ClientDisconnect
 
 from disagg.errors import APIError
 
@@ -61,25 +60,33 @@ class _Reject(ValueError):
 
 # ---- body --------------------------------------------------------------------------------
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, at most ``max_bytes`` (413 beyond it)."""
+    """The request body, at most ``max_bytes`` (413 beyond it). Read from the ASGI
+    ``receive`` channel directly (Starlette's ``Request.stream`` is an async generator: a
+    few tens of microseconds more per request)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
             raise APIError(400, f"invalid Content-Length {declared[:40]!r}")
         if int(declared) > max_bytes:
             raise _too_large(max_bytes)
+    receive = request.receive
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise _too_large(max_bytes)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise APIError(400, "the client closed the connection while sending the body") \
-            from None
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large(max_bytes)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        elif kind == "http.disconnect":
+            raise APIError(400, "the client closed the connection while sending the body")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _too_large(max_bytes: int) -> APIError:
@@ -105,7 +112,11 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise APIError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise APIError(400, f"request body must be a JSON object, not {_kind(body)}")
-    _check_tree(body)
+    # The walk is needed only if the text could hold what it looks for: a lone surrogate
+    # comes only from a \\u escape (the text is strict UTF-8), and nesting deeper than
+    # MAX_DEPTH takes more than MAX_DEPTH brackets. Two scans in C, usually skip the walk.
+    if b"\\u" in raw or raw.count(b"{") + raw.count(b"[") > MAX_DEPTH:
+        _check_tree(body)
     return body
 
 
@@ -239,6 +250,9 @@ def check_model(body: dict[str, Any], served: str) -> None:
                        param="model", code="model_not_found")
 
 
+_CHECKS = {False: COMMON | COMPLETIONS, True: COMMON | CHAT}
+
+
 def check_request(body: dict[str, Any], path: str, max_n: int, max_model_len: int) -> None:
     """400 for the first field whose type or range is wrong (``check_model`` checks
     ``model``)."""
@@ -247,10 +261,16 @@ def check_request(body: dict[str, Any], path: str, max_n: int, max_model_len: in
         _check_messages(body)
     else:
         _check_prompt(body)
-    for name, (ok, what) in (COMMON | (CHAT if chat else COMPLETIONS)).items():
-        value = body.get(name)
-        if value is not None and not ok(value):
-            raise _bad(name, f"must be {what}", value)
+    checks = _CHECKS[chat]
+    # A body holds a handful of the fields checked: look at those; on a wrong one, name the
+    # first wrong field in the table's order.
+    for name, value in body.items():
+        check = checks.get(name)
+        if check is not None and value is not None and not check[0](value):
+            for name, (ok, what) in checks.items():
+                value = body.get(name)
+                if value is not None and not ok(value):
+                    raise _bad(name, f"must be {what}", value)
     for name in ("max_tokens", "max_completion_tokens"):
         _check_range(body, name, 1, max_model_len, "the model's context length")
     for name in ("n", "best_of"):

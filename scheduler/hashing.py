@@ -72,8 +72,8 @@ class RequestHasher:
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if self._backend is not None:
-            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        if self._backend is not None:  # ``ids`` is a new list each time
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def tokenize(self, path: str, body: dict[str, Any]) -> list[int] | None:
