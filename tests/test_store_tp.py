@@ -9,7 +9,7 @@ import torch
 
 from disagg.config import StoreConfig
 from disagg.tp_layout import rank_heads
-from disagg.transfer.connector.metadata import DisaggMetadata, StoreLoadOrder
+from disagg.transfer.connector.metadata import DisaggMetadata, StoreLoadOrder, StoreSaveOrder
 from disagg.transfer.connector.worker_half import ConnectorWorker
 from disagg.transfer.control.messages import Compat
 from disagg.transfer.store.lookup import LookupClient
@@ -44,8 +44,15 @@ def _instance(name: str, tp: int, tiers: dict, source: list[torch.Tensor] | None
 
 @pytest.mark.parametrize("kind", ["disk", "redis"])
 @pytest.mark.parametrize(("save_tp", "load_tp"), [(2, 1), (1, 2)])
-def test_a_chunk_saved_at_one_tp_size_loads_at_another(kind, save_tp, load_tp, tmp_path,
-                                                       request):
+@pytest.mark.parametrize("batch", ["one", "per_chunk"])
+def test_a_chunk_saved_at_one_tp_size_loads_at_another(kind, save_tp, load_tp, batch,
+                                                       tmp_path, request, monkeypatch):
+    """``per_chunk``: one chunk per store read, so the loader reads batch k + 1 while it
+    scatters batch k."""
+    if batch == "per_chunk":
+        from disagg.transfer.store.io import StoreLoader
+
+        monkeypatch.setattr(StoreLoader, "BATCH_BYTES", 1)
     tiers = _shared_tiers(kind, tmp_path, request)
     source = [torch.randn(NB, HEADS, BLOCK, 32).to(torch.bfloat16) for _ in range(LAYERS)]
     saver = _instance(f"s{save_tp}-{kind}", save_tp, tiers, source)
@@ -127,3 +134,31 @@ def test_cuda_layout_chunks_cross_tp_sizes_and_allocations(save_alloc, load_allo
     codec.decode_into([chunks[h] for h in range(HEADS)], (0, 1, 2), 0)
     for got, want in zip(dst, source, strict=True):
         assert torch.equal(got[:, 0:3], want[:, list(blocks)])
+
+
+def test_a_load_stops_at_the_first_chunk_missing_while_reading_ahead(tmp_path, monkeypatch):
+    """One chunk per read: chunks 0-2 stored, 3-4 not; the blocks of 0-2 load, the rest are
+    load errors (vLLM recomputes them), and nothing hangs on the read ahead."""
+    from disagg.transfer.store.io import StoreLoader
+
+    monkeypatch.setattr(StoreLoader, "BATCH_BYTES", 1)
+    tiers = {"disk_path": str(tmp_path / "kv")}
+    source = [torch.randn(NB, HEADS, BLOCK, 32).to(torch.bfloat16) for _ in range(LAYERS)]
+    saver = _instance("sv", 1, tiers, source)
+    loader = _instance("ld", 1, tiers, None)
+    try:
+        w, _ = saver[0]
+        w.start(DisaggMetadata(store_saves=[StoreSaveOrder("a", PROMPT[:3 * CHUNK],
+                                                           SRC_BLOCKS[:6])]))
+        _step_until([w], lambda r: "a" in r[w][0])
+        assert w.store.flush(10)
+        ld, caches = loader[0]
+        ld.start(DisaggMetadata(store_loads=[StoreLoadOrder("b", DST_BLOCKS, PROMPT[:5 * CHUNK],
+                                                            first_block=0)]))
+        _step_until([ld], lambda r: "b" in r[ld][1])
+        assert ld.load_errors() == set(DST_BLOCKS[6:])
+        for got, g in zip(caches, source, strict=True):
+            assert torch.equal(got[list(DST_BLOCKS[:6])], g[list(SRC_BLOCKS[:6])])
+    finally:
+        for w, _ in saver + loader:
+            w.close()

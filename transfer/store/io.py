@@ -12,6 +12,7 @@ blocks that only its waiting request owns. On CUDA the copies stage through host
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -180,13 +181,14 @@ class StoreLoader(_StoreJobs[StoreLoadOrder], KVLoader[StoreLoadOrder]):
     """Loads the store's chunks of a request's prompt into its new blocks (thread).
 
     Chunks below the CPU tier are read into staging buffers allocated (and touched) once,
-    one per loader thread, so a load allocates nothing: fresh memory costs a page fault per
+    two per loader thread, so a load allocates nothing: fresh memory costs a page fault per
     4 KiB, which in a VM cost three times the read itself (pinned memory on CUDA hosts, for
-    the copy to the device)."""
+    the copy to the device). The next batch is read (an I/O thread per loader thread, into
+    the other buffer) while the current one scatters into the blocks."""
 
     name = "store"
-    # Chunks asked of the store at once (the staging buffer's size, about): one round trip
-    # per batch and tier, and I/O for one batch while the last one scatters.
+    # Chunks asked of the store at once (a staging buffer's size, about): one round trip
+    # per batch and tier.
     BATCH_BYTES = 16 << 20
 
     def __init__(self, store: TieredStore, codec: ChunkCodec,
@@ -196,9 +198,11 @@ class StoreLoader(_StoreJobs[StoreLoadOrder], KVLoader[StoreLoadOrder]):
         super().__init__(store, codec, stats, pool, on_done)
         # Whole chunks per batch: each is one value per head this rank holds.
         self.per_batch = max(1, self.BATCH_BYTES // (codec.chunk_bytes() * codec.num_heads))
-        self._staging: queue.SimpleQueue[list[memoryview]] = queue.SimpleQueue()
+        self._staging: queue.SimpleQueue[tuple[list[memoryview], list[memoryview]]] = \
+            queue.SimpleQueue()
         for _ in range(threads):
-            self._staging.put(self._slots())
+            self._staging.put((self._slots(), self._slots()))
+        self._io = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="disagg-store-io")
 
     def _slots(self) -> list[memoryview]:
         size, count = self.codec.chunk_bytes(), self.per_batch * self.codec.num_heads
@@ -209,34 +213,51 @@ class StoreLoader(_StoreJobs[StoreLoadOrder], KVLoader[StoreLoadOrder]):
 
     def _run(self, order: StoreLoadOrder) -> int:
         """Fill the order's blocks from the store's leading chunks, a batch of chunks at a
-        time; returns how many leading blocks loaded."""
+        time (the next batch read while this one scatters); returns how many leading
+        blocks loaded."""
         bpc, nh = self.codec.blocks_per_chunk, self.codec.num_heads
         keys = self.codec.keys(order.token_ids)
         first = order.first_block // bpc
         end = min((order.first_block + len(order.local_block_ids) - 1) // bpc + 1, len(keys))
-        slots = self._staging.get()
+        batches = [[k for chunk in keys[c0:min(end, c0 + self.per_batch)] for k in chunk]
+                   for c0 in range(first, end, self.per_batch)]
+        buffers = self._staging.get()
         done, nbytes = 0, 0
+        pending: Future | None = None
         try:
-            for c0 in range(first, end, self.per_batch):
-                batch = [k for chunk in keys[c0:min(end, c0 + self.per_batch)] for k in chunk]
-                values = self.store.get_prefix(batch, slots[:len(batch)])
-                whole = len(values) // nh  # a chunk loads only with all of its heads
-                for j in range(whole):
-                    c = c0 + j
-                    offset = order.first_block + done - c * bpc
+            if batches:
+                pending = self._read(batches[0], buffers[0])
+            for b, batch in enumerate(batches):
+                assert pending is not None
+                values, pending = pending.result(), None
+                complete = len(values) == len(batch)
+                if complete and b + 1 < len(batches):
+                    pending = self._read(batches[b + 1], buffers[(b + 1) % 2])
+                c0 = first + b * self.per_batch
+                for j in range(len(values) // nh):  # a chunk loads only with all its heads
+                    offset = order.first_block + done - (c0 + j) * bpc
                     n = min(bpc - offset, len(order.local_block_ids) - done)
                     parts = values[j * nh:(j + 1) * nh]
                     self.codec.decode_into(parts, order.local_block_ids[done:done + n], offset)
                     done += n
                     nbytes += sum(memoryview(p).nbytes for p in parts)
-                if len(values) < len(batch):
+                if not complete:
                     break  # a chunk no tier holds: the rest is computed
         finally:
-            self._staging.put(slots)
+            if pending is not None:  # a scatter failed: the read must end before its
+                with contextlib.suppress(Exception):  # buffer goes back for another load
+                    pending.exception()
+            self._staging.put(buffers)
         s = self._stats()
         s.add("store_load_bytes", nbytes)
         s.add("store_loaded_tokens", done * self.codec.block_size)
         return done
+
+    def _read(self, keys: list[ChunkKey], slots: list[memoryview]) -> Future:
+        return self._io.submit(self.store.get_prefix, keys, slots[:len(keys)])
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
 
     def poll(self) -> list[LoadResult]:
         out: list[LoadResult] = []
