@@ -42,9 +42,14 @@ from benchmarks.results_md import machine_info, update_results_md
 
 TICKS = os.sysconf("SC_CLK_TCK")
 # The gateway before issue 12 (httpx to engines, FastAPI on every route, every prompt
-# tokenized in a worker thread), measured by this benchmark's first version, api.workers 1.
-BEFORE = ("Before the gateway's CPU work (commit 52080c6, same machine and day, 1 worker): "
-          "CPU per request at load 2.34 ms, added p50 3.45 ms, throughput x0.89 of direct.")
+# tokenized in a worker thread), measured by this benchmark's first version, api.workers 1;
+# and before the second round (aiohttp to engines, a task per unless()), measured by this
+# benchmark on the same machine as the round's own run.
+BEFORE = ("Before the gateway's CPU work (commit 52080c6, an earlier sitting, 1 worker): "
+          "CPU per request at load 2.34 ms, added p50 3.45 ms, throughput x0.89 of direct. "
+          "Before its second round (commit e2c4a67: aiohttp to the engines; same machine, "
+          "same day, same command): CPU per request at load 1.00 ms (net 0.95), added p50 "
+          "1.82 ms, throughput x0.89 (1 worker) and x0.93 (2 workers) of direct.")
 
 
 # ---- the load generator (its own process) ----------------------------------------------------
