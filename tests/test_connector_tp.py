@@ -10,13 +10,13 @@ heads, and every prefill rank must have freed its blocks (counted completion not
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 import pytest
 import torch
 
 from disagg.config import ConnectorConfig, TransferConfig
+from disagg.instance import free_run
 from disagg.tp_layout import rank_heads
 from disagg.transfer.connector.metadata import DisaggMetadata, PeerAddress, RecvOrder
 from disagg.transfer.connector.worker_half import ConnectorWorker
@@ -25,27 +25,6 @@ from disagg.transfer.nixl.layout import planes_of
 
 NB, LAYERS, BS, HD = 12, 2, 4, 8
 KEY = b"test side-channel key, 32 bytes!"
-
-
-def _free_base(n: int) -> int:
-    """A port with ``n`` consecutive ports free after it (rank r listens on base + r)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        socks = []
-        try:
-            for i in range(n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no run of free ports")
 
 
 def _rank_cache(global_cache: torch.Tensor, heads: range, layout: str) -> torch.Tensor:
@@ -92,9 +71,9 @@ def _run(k: int, p: int, d: int, layout: str = "cpu", timeout: float = 15.0,
          pulling: int | None = None):
     """Prefill TP ``p`` holds a request; the first ``pulling`` (all) decode ranks pull it."""
     source = _global(k, layout)
-    base = _free_base(p)
+    base = free_run(p)
     pre = _instance("pre", k, p, layout, base, source)
-    dec = _instance("dec", k, d, layout, _free_base(d), None)
+    dec = _instance("dec", k, d, layout, free_run(d), None)
     workers = [w for w, _ in pre + dec]
     try:
         for w, _ in pre:
