@@ -19,6 +19,7 @@ from disagg.transfer.control.messages import (
     decode_message,
 )
 from disagg.transfer.nixl.endpoint import KVEndpoint
+from disagg.transfer.nixl.layout import Plane, block_indices, coalesce, count_runs, strided_dlist
 
 NB = 32
 KEY = b"test side-channel key, 32 bytes!"
@@ -61,6 +62,36 @@ def test_read_moves_exact_blocks_and_notifies(dtype):
     assert notes == [b"req-7"]
     d.close()
     p.close()
+
+
+def test_read_reaches_the_last_block_and_refuses_ids_outside_the_caches():
+    src, dst = _caches(torch.bfloat16, True), _caches(torch.bfloat16, False)
+    p, d = KVEndpoint("p-edge", src, NB), KVEndpoint("d-edge", dst, NB)
+    reply = HandshakeReply(engine_id="p", agent_name=p.name, agent_metadata=p.metadata(),
+                           planes=p.plane_infos())
+    peer = d.add_peer("p", reply)
+    p.expect_notifications(True)
+    assert _wait(d, d.start_read(peer, [0], [NB - 1], b"edge"), p, []) == "DONE"
+    for s, t in zip(src, dst, strict=True):
+        assert torch.equal(t[0], s[NB - 1])
+    for local, remote in (([NB], [0]), ([0], [NB]), ([-1], [0]), ([0, 1], [2])):
+        with pytest.raises(ValueError):
+            d.start_read(peer, local, remote, b"bad")
+    d.close()
+    p.close()
+
+
+@pytest.mark.parametrize("local,remote", [
+    ([], []), ([5], [9]), ([1, 2, 3], [7, 8, 9]), ([1, 2, 4], [7, 8, 9]), ([3, 4, 5, 9], [10, 11, 12, 0]),
+    ([2, 1], [5, 6])])
+def test_prepared_indices_and_run_count_match_the_descriptor_path(local, remote):
+    planes = [Plane(1000, 64, 64, num_blocks=16), Plane(9000, 128, 64, num_blocks=16)]
+    assert count_runs(local, remote) == len(coalesce(local, remote))
+    assert block_indices((0, 16), local) == [*local, *(16 + b for b in local)]
+    rows = strided_dlist(planes).tolist()
+    assert rows == [[1000, 64, 0, 64, 16], [9000, 64, 0, 128, 16]]
+    with pytest.raises(ValueError, match="block count"):
+        strided_dlist([Plane(0, 64, 64)])
 
 
 def _compat(**kw) -> Compat:

@@ -78,6 +78,17 @@ class _Pull:
     error: Exception | None = None  # raised while posting; reported by the next poll
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """How this rank pulls from a prefill of one TP size (``disagg.tp_layout``), worked
+    out once per size: a pull's fixed cost is all Python, and it counts at short prompts."""
+
+    plan: tuple[HeadSlice, ...]  # what to read from which remote rank
+    ranks: tuple[int, ...]  # remote ranks to notify when done
+    notices: dict[int, int]  # remote rank -> completion notices it waits for per request
+    whole: bool  # same heads per rank on both sides: a slice is the remote's whole blocks
+
+
 def peer_rank_key(engine_id: str, rank: int) -> str:
     """The endpoint's name for one TP rank of a peer engine."""
     return f"{engine_id}/tp{rank}"
@@ -105,26 +116,36 @@ class PeerLoader(KVLoader[RecvOrder]):
         self.compat, self._stats, self._pool = compat, stats, pool
         self.handshake_timeout_s, self.timeout_s = handshake_timeout_s, timeout_s
         self._pulls: dict[str, _Pull] = {}
+        self._routes: dict[int, _Route] = {}  # by the prefill's TP size
+        self._peer_keys: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._ucx = TransportReport()
         self.transports: dict[str, str] = {}  # peer engine id -> what UCX reads it over
 
     def start(self, order: RecvOrder) -> None:
         now = time.monotonic()
-        k, d = self.compat.num_kv_heads, self.compat.tp_size
         try:
-            plan = read_plan(k, order.peer.tp_size, d, self.tp_rank)
-            ranks = contacts(k, order.peer.tp_size, d, self.tp_rank)
+            route = self._route(order.peer.tp_size)
         except ValueError as exc:  # a TP size that cannot shard the heads: recompute
-            plan, ranks = (), ()
-            self._pulls[order.request_id] = _Pull(order, now + self.timeout_s, now, plan,
-                                                  ranks, error=exc)
+            self._pulls[order.request_id] = _Pull(order, now + self.timeout_s, now, (), (),
+                                                  error=exc)
             return
-        pull = _Pull(order, now + self.timeout_s, now, plan, ranks)
+        pull = _Pull(order, now + self.timeout_s, now, route.plan, route.ranks)
         self._pulls[order.request_id] = pull
         try:
             self._advance(pull)
         except Exception as exc:  # e.g. NIXL_ERR_REMOTE_DISCONNECT from a dead peer: the
             pull.error = exc  # pull fails (recompute), never the engine step that posted it
+
+    def _route(self, remote_tp: int) -> _Route:
+        route = self._routes.get(remote_tp)
+        if route is None:
+            k, d = self.compat.num_kv_heads, self.compat.tp_size
+            ranks = contacts(k, remote_tp, d, self.tp_rank)
+            route = _Route(read_plan(k, remote_tp, d, self.tp_rank), ranks,
+                           {r: expected_notices(k, remote_tp, d, r) for r in ranks},
+                           heads_per_rank(k, remote_tp) == heads_per_rank(k, d))
+            self._routes[remote_tp] = route
+        return route
 
     def _advance(self, pull: _Pull) -> None:
         """Post the READs once every remote rank is known, handshaking where needed."""
@@ -145,15 +166,12 @@ class PeerLoader(KVLoader[RecvOrder]):
             peers[rank] = peer
         if len(peers) < len(pull.ranks):
             return
-        k, p, d = self.compat.num_kv_heads, o.peer.tp_size, self.compat.tp_size
-        notices = {r: completion_notice(o.remote_request_id, expected_notices(k, p, d, r))
-                   for r in pull.ranks}
-        # Same heads per rank on both sides: each slice is the remote rank's whole blocks.
-        whole = heads_per_rank(k, p) == heads_per_rank(k, d)
+        route = self._route(o.peer.tp_size)
+        notices = {r: completion_notice(o.remote_request_id, n) for r, n in route.notices.items()}
         pull.reads = [
             self.endpoint.start_read(peers[hs.remote_rank], o.local_block_ids,
                                      o.remote_block_ids, notices[hs.remote_rank],
-                                     None if whole else hs)
+                                     None if route.whole else hs)
             for hs in pull.plan]
         pull.live = list(pull.reads)
         for rank in set(pull.ranks) - {hs.remote_rank for hs in pull.plan}:
@@ -236,9 +254,13 @@ class PeerLoader(KVLoader[RecvOrder]):
         s.add("kv_transfer_seconds", now - pull.started)
         peer = pull.order.peer.engine_id
         transport = self._transport(peer)
-        s.add(peer_key(peer, transport, "bytes"), num_bytes)
-        s.add(peer_key(peer, transport, "seconds"), now - pull.started)
-        s.add(peer_key(peer, transport, "pulls"))
+        keys = self._peer_keys.get((peer, transport))
+        if keys is None:
+            keys = tuple(peer_key(peer, transport, f) for f in ("bytes", "seconds", "pulls"))
+            self._peer_keys[(peer, transport)] = keys
+        s.add(keys[0], num_bytes)
+        s.add(keys[1], now - pull.started)
+        s.add(keys[2])
 
     def _transport(self, peer: str) -> str:
         """What UCX reads ``peer`` over: its report as of the first pull from it (UCX picks

@@ -314,6 +314,10 @@ class ConnectorWorker:
         if self.endpoint is None:
             return done
         notified = self._counted_notices()
+        if not (notified or self._sends or self._early_done or self.saver is not None
+                or not self._aborts.empty()):  # a decoder's step: nothing held, nothing due
+            self.endpoint.expect_notifications(False)
+            return done
         while not self._aborts.empty():
             rid = self._aborts.get()
             notified.add(rid)

@@ -29,7 +29,8 @@ Completion notices (NIXL notifications carried by the decoder's READs, or sent a
 each decode rank that contacts it (``disagg.tp_layout``: prefill and decode TP sizes differ).
 
 Version history: 1 bare JSON frames; 2 the authenticated envelope; 3 TP sizes (``Compat``
-per-head checks, ``remote_tp_size``, counted completion notices).
+per-head checks, ``remote_tp_size``, counted completion notices); 4 ``PlaneInfo.num_blocks``
+(a decoder prepares each peer's block list once, at the handshake).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from disagg.tp_layout import heads_per_rank, pairing_problem
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class _Msg(BaseModel):
@@ -71,6 +72,7 @@ class PlaneInfo(_Msg):
     device_id: int = 0
     num_heads: int = Field(1, ge=1)
     head_bytes: int = Field(0, ge=0, description="one head's slab; 0: heads interleaved")
+    num_blocks: int = Field(ge=1, description="blocks in this plane")
 
 
 class Compat(_Msg):

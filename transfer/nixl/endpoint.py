@@ -14,17 +14,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from disagg.tp_layout import HeadSlice
 from disagg.transfer.control.messages import HandshakeReply, PlaneInfo
 from disagg.transfer.nixl.layout import (
     Plane,
+    block_indices,
     coalesce,
+    count_runs,
     planes_of,
     slice_descriptors,
     storage_regions,
+    strided_dlist,
 )
 from disagg.transfer.nixl.progress import ProgressDriver
 
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 class Peer:
     agent_name: str
     planes: tuple[Plane, ...]
+    prepped: object  # NIXL's prepared list of every block of every plane (``strided_dlist``)
+    offsets: tuple[int, ...]  # each plane's first entry in ``prepped``
 
 
 @dataclass(slots=True)
@@ -68,6 +72,12 @@ class KVEndpoint:
         self.mem_type = "VRAM" if kv_caches[0].is_cuda else "DRAM"
         regions = [(*r, "") for r in storage_regions(kv_caches)]
         self._reg = self.agent.register_memory(regions, self.mem_type)
+        # Every local block prepared once: a pull then names blocks by index, and NIXL
+        # merges consecutive ones, instead of building and checking descriptors per pull.
+        self._prepped = self.agent.prep_xfer_dlist(
+            "NIXL_INIT_AGENT", strided_dlist(self.planes), self.mem_type)
+        self._offsets = _offsets(self.planes)
+        self._block_bytes = sum(p.block_bytes for p in self.planes)
         self._peers: dict[str, Peer] = {}
         self.progress = ProgressDriver(self.agent, name=f"nixl-progress-{name}")
 
@@ -77,20 +87,22 @@ class KVEndpoint:
     def plane_infos(self) -> list[PlaneInfo]:
         return [PlaneInfo(base=p.base, block_stride=p.block_stride,
                           block_bytes=p.block_bytes, device_id=p.device_id,
-                          num_heads=p.num_heads, head_bytes=p.head_bytes)
+                          num_heads=p.num_heads, head_bytes=p.head_bytes,
+                          num_blocks=p.num_blocks)
                 for p in self.planes]
 
     def add_peer(self, engine_id: str, reply: HandshakeReply) -> Peer:
         """Load a peer's NIXL metadata; idempotent per ``engine_id`` (one key per remote
         TP rank: ``peer_key``)."""
         if engine_id not in self._peers:
-            name = self.agent.add_remote_agent(reply.agent_metadata)
             planes = tuple(Plane(p.base, p.block_stride, p.block_bytes, p.device_id,
-                                 p.num_heads, p.head_bytes)
+                                 p.num_heads, p.head_bytes, p.num_blocks)
                            for p in reply.planes)
             if len(planes) != len(self.planes):
                 raise ValueError(f"peer has {len(planes)} KV planes, we have {len(self.planes)}")
-            self._peers[engine_id] = Peer(name, planes)
+            name = self.agent.add_remote_agent(reply.agent_metadata)
+            prepped = self.agent.prep_xfer_dlist(name, strided_dlist(planes), self.mem_type)
+            self._peers[engine_id] = Peer(name, planes, prepped, _offsets(planes))
         return self._peers[engine_id]
 
     def peer(self, engine_id: str) -> Peer | None:
@@ -105,12 +117,21 @@ class KVEndpoint:
         agent's teardown then aborts the whole engine (``ucs_arbiter_group_is_empty``
         assertion). Loading the same metadata again is idempotent, and a restarted engine
         has a new id, so what stays is a few hundred bytes per dead incarnation."""
-        self._peers.pop(engine_id, None)
+        peer = self._peers.pop(engine_id, None)
+        if peer is not None:
+            self._release_dlist(peer.prepped)
+
+    def _release_dlist(self, handle: object) -> None:
+        try:
+            self.agent.release_dlist_handle(handle)
+        except Exception as exc:  # a local bookkeeping failure: nothing to undo
+            logger.debug("release_dlist_handle: %s", exc)
 
     def _remove_peer(self, engine_id: str) -> None:
         """Unload a healthy peer's remote agent (at close)."""
         peer = self._peers.pop(engine_id, None)
         if peer is not None:
+            self._release_dlist(peer.prepped)
             try:
                 self.agent.remove_remote_agent(peer.agent_name)
             except Exception as exc:
@@ -121,16 +142,18 @@ class KVEndpoint:
         heads: HeadSlice | None = None,
     ) -> Read:
         """Start a READ of ``remote_ids`` into ``local_ids`` (all heads, or the slice
-        ``heads``); the peer gets ``notif`` when done."""
-        runs = coalesce(local_ids, remote_ids)
-        local, remote = slice_descriptors(self.planes, peer.planes, runs, heads)
-        handle = self.agent.initialize_xfer(
-            "READ",
-            self.agent.get_xfer_descs(np.array(local, dtype=np.uint64), self.mem_type),
-            self.agent.get_xfer_descs(np.array(remote, dtype=np.uint64), self.mem_type),
-            peer.agent_name,
-            notif,
-        )
+        ``heads``); the peer gets ``notif`` when done. Raises ValueError for a block id
+        outside either side's cache."""
+        if heads is None:
+            handle, num_bytes, num_descs = self._prepared_read(peer, local_ids, remote_ids,
+                                                               notif)
+        else:
+            local, remote = slice_descriptors(self.planes, peer.planes,
+                                              coalesce(local_ids, remote_ids), heads)
+            handle = self.agent.initialize_xfer(
+                "READ", self.agent.get_xfer_descs(local, self.mem_type),
+                self.agent.get_xfer_descs(remote, self.mem_type), peer.agent_name, notif)
+            num_bytes, num_descs = sum(d[1] for d in local), len(local)
         try:
             state = self.agent.transfer(handle)
         except Exception:  # the peer is gone (NIXL_ERR_REMOTE_DISCONNECT) or refused
@@ -139,7 +162,25 @@ class KVEndpoint:
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
             raise RuntimeError("NIXL refused to post the READ")
-        return Read(handle, sum(d[1] for d in local), len(local))
+        return Read(handle, num_bytes, num_descs)
+
+    def _prepared_read(self, peer: Peer, local_ids: Sequence[int], remote_ids: Sequence[int],
+                       notif: bytes) -> tuple[object, int, int]:
+        """A whole-block READ from the prepared lists: (handle, bytes, descriptors after
+        NIXL merges consecutive blocks, as ``coalesce`` would)."""
+        if len(local_ids) != len(remote_ids):
+            raise ValueError(f"{len(local_ids)} local blocks for {len(remote_ids)} remote blocks")
+        here, there = self.planes[0].num_blocks, peer.planes[0].num_blocks
+        if not (_within(local_ids, here) and _within(remote_ids, there)):
+            raise ValueError(f"block ids outside the caches ({here} local, {there} remote "
+                             "blocks)")
+        handle = self.agent.make_prepped_xfer(
+            "READ", self._prepped, block_indices(self._offsets, local_ids),
+            peer.prepped, block_indices(peer.offsets, remote_ids), notif)
+        runs = count_runs(local_ids, remote_ids)
+        per_plane = [runs if p.contiguous and q.contiguous else len(local_ids)
+                     for p, q in zip(self.planes, peer.planes, strict=True)]
+        return handle, len(local_ids) * self._block_bytes, sum(per_plane)
 
     def notify(self, peer: Peer, notif: bytes) -> None:
         """Send ``notif`` to the peer without a READ (a rank we read nothing from)."""
@@ -174,7 +215,21 @@ class KVEndpoint:
         self.progress.close()
         for engine_id in list(self._peers):
             self._remove_peer(engine_id)
+        self._release_dlist(self._prepped)
         try:
             self.agent.deregister_memory(self._reg)
         except Exception as exc:
             logger.debug("deregister_memory: %s", exc)
+
+
+def _offsets(planes: Sequence[Plane]) -> tuple[int, ...]:
+    """Each plane's first entry in its ``strided_dlist``."""
+    out, at = [], 0
+    for p in planes:
+        out.append(at)
+        at += p.num_blocks
+    return tuple(out)
+
+
+def _within(ids: Sequence[int], num_blocks: int) -> bool:
+    return not ids or (min(ids) >= 0 and max(ids) < num_blocks)

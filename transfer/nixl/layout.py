@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from disagg.tp_layout import HeadSlice
@@ -40,6 +41,7 @@ class Plane:
     device_id: int = 0
     num_heads: int = 1  # KV heads in one block of this plane
     head_bytes: int = 0  # bytes of one head's slab in a block; 0: heads are interleaved
+    num_blocks: int = 0  # blocks in this plane (0: unknown)
 
     @property
     def head_major(self) -> bool:
@@ -87,7 +89,7 @@ def _plane(blocks: torch.Tensor, head_dim: int | None) -> Plane:
     if heads > 1 and block.stride(head_dim) * heads == block.numel() and _dense(block):
         head_bytes = block.stride(head_dim) * item
     return Plane(blocks.data_ptr(), blocks.stride(0) * item, per_block,
-                 blocks.device.index or 0, heads, head_bytes)
+                 blocks.device.index or 0, heads, head_bytes, blocks.shape[0])
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -111,6 +113,32 @@ def storage_regions(kv_caches: Iterable[torch.Tensor]) -> list[tuple[int, int, i
         st = t.untyped_storage()
         seen[st.data_ptr()] = (st.data_ptr(), st.nbytes(), t.device.index or 0)
     return sorted(seen.values())
+
+
+def strided_dlist(planes: Sequence[Plane]) -> np.ndarray:
+    """Every block of every plane as one NIXL strided descriptor list (an Nx5 array of
+    address, length, device, stride, count): block ``b`` of plane ``i`` is entry
+    ``i * num_blocks + b`` of the list NIXL prepares from it (``block_indices``)."""
+    if any(p.num_blocks < 1 for p in planes):
+        raise ValueError("a plane without a block count cannot be prepared")
+    return np.array([(p.base, p.block_bytes, p.device_id, p.block_stride, p.num_blocks)
+                     for p in planes], dtype=np.uint64)
+
+
+def block_indices(offsets: Sequence[int], block_ids: Sequence[int]) -> list[int]:
+    """Indices into a ``strided_dlist`` (``offsets``: each plane's first entry) of
+    ``block_ids`` in every plane, plane after plane. A plain list: for the few hundred ids
+    of a pull, numpy's per-call overhead costs more than the loop."""
+    return [o + b for o in offsets for b in block_ids]
+
+
+def count_runs(local_ids: Sequence[int], remote_ids: Sequence[int]) -> int:
+    """How many runs ``coalesce`` makes of these pairs, without building them."""
+    runs = 1 if local_ids else 0
+    for i in range(1, len(local_ids)):
+        if local_ids[i] != local_ids[i - 1] + 1 or remote_ids[i] != remote_ids[i - 1] + 1:
+            runs += 1
+    return runs
 
 
 def coalesce(local_ids: Sequence[int], remote_ids: Sequence[int]) -> list[Run]:

@@ -37,7 +37,10 @@ class ProgressDriver:
         self._thread.start()
 
     def want_notifications(self, on: bool) -> None:
-        """Collect peers' notifications while ``on`` (blocks are held for decoders)."""
+        """Collect peers' notifications while ``on`` (blocks are held for decoders).
+        Called by one thread (the engine's), once per step: unchanged, it takes no lock."""
+        if on == self._want_notifs:
+            return
         with self._cv:
             if on != self._want_notifs:
                 self._want_notifs = on
