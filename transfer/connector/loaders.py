@@ -256,7 +256,8 @@ class PeerLoader(KVLoader[RecvOrder]):
         transport = self._transport(peer)
         keys = self._peer_keys.get((peer, transport))
         if keys is None:
-            keys = tuple(peer_key(peer, transport, f) for f in ("bytes", "seconds", "pulls"))
+            keys = (peer_key(peer, transport, "bytes"), peer_key(peer, transport, "seconds"),
+                    peer_key(peer, transport, "pulls"))
             self._peer_keys[(peer, transport)] = keys
         s.add(keys[0], num_bytes)
         s.add(keys[1], now - pull.started)
