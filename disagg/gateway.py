@@ -60,6 +60,7 @@ from disagg.relay import Relay, describe, engine_session, open_answer, post_json
 from disagg.scheduler import RequestInfo, make_policy
 from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
+from disagg.scheduler.kv_aware import KVAware, hop_seconds
 from disagg.scheduler.kv_index import PrefixIndex
 from disagg.tiers import capacity_blocks, is_store, loadable_by
 from disagg.tp_layout import pairing_problem
@@ -384,7 +385,7 @@ class Gateway:
                      start: float) -> Response:
         body = payload.body
         await self._annotate(path, body, info, inline=payload.size <= INLINE_TOKENIZE_BYTES)
-        decoder = self._pick("decode", info)
+        decoder = self._pick_decoder(info)
         if decoder.info.role == "prefill":  # degraded: no decoder; serve it all there
             decision = Decision(False, "no_decode_instance")
         else:
@@ -423,6 +424,21 @@ class Gateway:
         with the same prefix see them before the instance's events arrive."""
         if self.index is not None and info.block_hashes:
             self.index.expect(member.info.engine_id, info.block_hashes)
+
+    def _pick_decoder(self, info: RequestInfo) -> Member:
+        """The decode policy's choice, told what a prefill hop would cost where one is open
+        (``RequestInfo.hop_from``/``hop_s``: a kv_aware policy then charges a decoder that
+        would take the hop the hop, not a prefill of its own). The hop fields hold for this
+        choice only: the prefill pick that may follow prices prefills, not hops."""
+        prefill = [m.candidate for m in self.pool.available("prefill")]
+        open_hop = [c for c in prefill if queue_depth(c) < self.decider.max_prefill_queue]
+        if isinstance(self.decode_policy, KVAware) and open_hop and info.prompt_tokens:
+            info.hop_s = hop_seconds(open_hop, info)
+            info.hop_from = self.decider.min_uncached_tokens
+        try:
+            return self._pick("decode", info)
+        finally:
+            info.hop_from, info.hop_s = None, 0.0
 
     def _pick(self, role: str, info: RequestInfo,
               exclude: frozenset[str] | set[str] = frozenset()) -> Member:

@@ -53,6 +53,12 @@ class RequestInfo:
 
     # Set by the gateway once a prefill instance computed the prompt for the decoder.
     prefilled: bool = False
+    # Set by the gateway before it picks a decoder, when a prefill hop is open (some prefill
+    # instance below the decider's queue limit): a decoder leaving at least ``hop_from``
+    # tokens uncached gets them computed by a prefill instance, in about ``hop_s`` seconds
+    # (the best prefill instance's queue and its own uncached part), not by itself.
+    hop_from: int | None = None
+    hop_s: float = 0.0
 
     def local_tokens(self, engine_id: str) -> int:
         """Prompt tokens ``engine_id`` computes for this request (0 when unknown, or for a

@@ -1,7 +1,8 @@
 """KV-aware: the instance where this request's first token comes soonest, in seconds.
 
-    cost(c) = (pending_tokens(c) + uncached_tokens(c)) / prefill_rate(c)
+    cost(c) = (pending_tokens(c) + computed_here(c)) / prefill_rate(c)
               + store_tokens(c) / load_rate(c)
+              + hop_s (when a prefill instance computes the prompt for c)
               + decoding(c) * step_s(c)
 
 ``uncached_tokens`` is the prompt minus the prefix ``c`` already holds (the gateway's prefix
@@ -14,6 +15,15 @@ about one step (``step_s``, ``c``'s mean inter-token latency). The two queue ter
 stop a popular prefix from piling every request onto one instance: once the wait behind it
 outlasts recomputing the prefix elsewhere, the next instance takes it (and then holds that
 prefix too).
+
+Choosing a decoder, the gateway says when a prefill hop is open (``RequestInfo.hop_from``,
+``hop_s``): a decoder that leaves at least ``hop_from`` tokens uncached gets the prompt from
+a prefill instance, so it computes none of it (``computed_here`` is 0) and the request pays
+the hop instead; what the decoder lacks then arrives by a KV pull, at memory speed
+(``benchmarks/transfer.py``), which no term counts. Its prefix cache then still decides
+between a cheap local prefill and a hop, but no longer pins every conversation to the
+decoder that served its last turn: among decoders that would all take the hop, the decode
+queue decides, and decodes spread.
 
 The rates and the step time are learned online from each instance's own counters
 (``disagg.pool`` feeds ``scheduler.rates.RateMeter``s), so the trade-off holds on a fast
@@ -57,8 +67,11 @@ class KVAware(Policy):
         uncached = request.uncached_tokens(c.engine_id) or 0
         stored = request.store_tokens.get(c.engine_id, 0)
         prefill, load, step = prior
-        return ((c.pending_tokens + uncached) / (c.prefill_rate or prefill)
-                + stored / (c.load_rate or load) + c.decoding * (c.step_s or step))
+        hop = request.hop_from is not None and uncached >= request.hop_from
+        here = 0 if hop else uncached
+        return ((c.pending_tokens + here) / (c.prefill_rate or prefill)
+                + stored / (c.load_rate or load) + (request.hop_s if hop else 0.0)
+                + c.decoding * (c.step_s or step))
 
     def choose(self, candidates: Sequence[Candidate], request: RequestInfo) -> Candidate:
         k = next(self._turn) % len(candidates)
@@ -78,3 +91,10 @@ def priors(candidates: Sequence[Candidate]) -> tuple[float, float, float]:
     p = statistics.median(prefill) if prefill else 1.0
     return (p, statistics.median(load) if load else p * PRIOR_LOAD_SPEEDUP,
             statistics.median(steps) if steps else PRIOR_STEP_TOKENS / p)
+
+
+def hop_seconds(prefill: Sequence[Candidate], request: RequestInfo) -> float:
+    """Seconds until a prefill hop would have computed ``request``'s prompt on the best of
+    ``prefill`` (its queue, and the part of the prompt it does not hold)."""
+    prior = priors(prefill)
+    return min(KVAware().cost(c, request, prior) for c in prefill)

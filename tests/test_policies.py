@@ -160,3 +160,39 @@ def test_kv_aware_counts_each_decoding_request_as_a_step():
     fresh = [*cands, Candidate("e2", "u2", prefill_rate=2000.0)]
     assert kv.cost(fresh[2], info, (2000.0, 20000.0, 0.05)) < kv.cost(
         fresh[0], info, (2000.0, 20000.0, 0.05))
+
+
+def test_kv_aware_decoders_that_all_take_the_hop_split_by_decode_queue():
+    """A long prompt goes through a prefill instance whichever decoder is chosen: a decoder
+    holding more of the conversation computes no less, so the decode queue decides."""
+    kv, cands = make_policy("kv_aware"), _cands(2)
+    for c in cands:
+        c.prefill_rate, c.step_s = 2000.0, 0.05
+    cands[0].decoding = 3
+    info = RequestInfo("r", prompt_tokens=3000, cached_tokens={"e0": 2000})
+    assert kv.choose(cands, info).engine_id == "e0"  # no hop open: 1000 tokens < 3000
+    info.hop_from, info.hop_s = 256, 0.6  # both leave >= 256 tokens: both take the hop
+    picks = Counter(kv.choose(cands, info).engine_id for _ in range(4))
+    assert picks == {"e1": 4}
+
+
+def test_kv_aware_weighs_a_short_local_prefill_against_the_hop():
+    """A decoder holding all but a short tail computes the tail itself; another decoder
+    must take the hop and pay for it."""
+    kv, cands = make_policy("kv_aware"), _cands(2)
+    for c in cands:
+        c.prefill_rate, c.step_s = 2000.0, 0.05
+    info = RequestInfo("r", prompt_tokens=3000, cached_tokens={"e0": 2900}, hop_from=256,
+                       hop_s=0.4)
+    assert kv.choose(cands, info).engine_id == "e0"  # 100 tokens: 0.05 s < 0.4 s hop
+    cands[0].decoding = 10  # 0.05 + 0.5 s > 0.4 s hop
+    assert kv.choose(cands, info).engine_id == "e1"
+
+
+def test_hop_seconds_is_the_best_prefill_instance():
+    from disagg.scheduler.kv_aware import hop_seconds
+
+    prefill = [Candidate("p0", "u", prefill_rate=1000.0, pending_tokens=2000),
+               Candidate("p1", "u", prefill_rate=1000.0)]
+    info = RequestInfo("r", prompt_tokens=1000, cached_tokens={"p0": 1000})
+    assert hop_seconds(prefill, info) == pytest.approx(1.0)  # p1: 1000 / 1000; p0: 2000 / 1000
