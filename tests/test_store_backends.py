@@ -796,6 +796,8 @@ def test_redis_flipped_bit_is_a_miss_and_dropped(redis_pair, where, offset, batc
         raw.hset(f"{a.namespace}:sum", key(1).hex, bytes(checksum))
     got = b.get_many([key(1), key(2)]) if batched else [b.get(key(1)), b.get(key(2))]
     assert got == [None, value(2)]
+    out = [memoryview(bytearray(VALUE)) for _ in range(2)]
+    assert b.get_many_into([key(1), key(2)], out) == [False, True]  # dropped: a miss now
     assert not a.contains(key(1)) and raw.exists(value_key(a, key(1))) == 0
     assert b.corrupt_entries == 1 and a.get(key(2)) == value(2)
     assert a.used_bytes == VALUE + CHECKSUM_SIZE
@@ -916,3 +918,59 @@ def test_redis_out_of_memory_refuses_puts_whole_and_still_serves_reads(redis_url
             backend.check_integrity()
         finally:
             backend.close()
+
+
+def test_redis_reads_into_buffers_from_the_socket(redis_url):
+    """``get_many_into`` reads Redis's replies itself (``store.resp``): values far larger
+    than its line buffer, small ones, misses and other sizes, over RESP2 and RESP3."""
+    big, small = 3 * (1 << 20) + 5, 17  # megabytes cross many socket reads
+    for url in (redis_url, redis_url + ("&" if "?" in redis_url else "?") + "protocol=3"):
+        backend = RedisBackend(16 << 20, url=url, namespace=fresh_namespace())
+        data = {i: bytes((i * 7 + j) % 251 for j in range(n)) if n < 100 else
+                (bytes(range(256)) * (n // 256 + 1))[i:i + n]
+                for i, n in ((1, big), (2, small), (3, big))}
+        for i, v in data.items():
+            assert backend.put(key(i), v)
+        out = [memoryview(bytearray(big)), memoryview(bytearray(small)),
+               memoryview(bytearray(big)), memoryview(bytearray(small)),
+               memoryview(bytearray(big - 1))]
+        got = backend.get_many_into([key(1), key(2), key(9), key(3), key(3)], out)
+        assert got == [True, True, False, False, False]
+        assert bytes(out[0]) == data[1] and bytes(out[1]) == data[2] and not any(out[2])
+        assert backend.get(key(3)) == data[3] and backend.corrupt_entries == 0
+        # The connection stays in step: the next reads, batched or not, answer right.
+        assert backend.get_many([key(2), key(1)]) == [data[2], data[1]]
+        backend.check_integrity()
+        backend.close()
+
+
+def test_redis_read_into_buffers_after_a_server_error_starts_clean(redis_url):
+    """An error inside the transaction (a foreign key of the wrong type where a value
+    should be) fails that read only: its connection is dropped, not reused mid-reply."""
+    backend = RedisBackend(1 << 20, url=redis_url, namespace=fresh_namespace())
+    raw = redis.Redis.from_url(redis_url, socket_timeout=5)
+    backend.put(key(1), value(1))
+    backend.put(key(2), value(2))
+    raw.delete(value_key(backend, key(2)))
+    raw.rpush(value_key(backend, key(2)), b"not a string")
+    out = [memoryview(bytearray(VALUE)) for _ in range(2)]
+    with pytest.raises(OSError, match="WRONGTYPE"):
+        backend.get_many_into([key(1), key(2)], out)
+    raw.delete(value_key(backend, key(2)))
+    for _ in range(3):  # every pooled connection answers its own read
+        assert backend.get_many_into([key(1), key(2)], out) == [True, False]
+        assert bytes(out[0]) == value(1)
+    backend.close()
+    raw.close()
+
+
+def test_redis_read_into_buffers_drops_a_corrupt_value(redis_pair):
+    a, b, raw = redis_pair
+    a.put(key(1), value(1))
+    a.put(key(2), value(2))
+    vkey = value_key(a, key(2))
+    raw.setrange(vkey, 5, bytes([raw.getrange(vkey, 5, 5)[0] ^ 0x01]))
+    out = [memoryview(bytearray(VALUE)) for _ in range(2)]
+    assert b.get_many_into([key(1), key(2)], out) == [True, False]
+    assert bytes(out[0]) == value(1)
+    assert raw.exists(vkey) == 0 and not a.contains(key(2)) and b.corrupt_entries == 1

@@ -293,6 +293,28 @@ def test_hung_redis_costs_one_timeout_per_back_off_not_one_per_call(server):
         assert (st.breaker_open, st.errors) == (1, 1)
 
 
+def test_hung_redis_times_out_a_read_into_buffers(server):
+    """A load reading into buffers (``store.resp``) waits one socket timeout, then fails
+    and opens the breaker; once Redis answers again, so does the next read."""
+    timeout = 0.3
+    red = RedisBackend(64 * (SIZE + CHECKSUM_SIZE), url=server.url, namespace=ns(),
+                       socket_timeout_s=timeout, breaker_backoff_s=0.05)
+    red.put(key(1), value(1))
+    out = [memoryview(bytearray(SIZE))]
+    server.pause()
+    try:
+        start = time.monotonic()
+        with pytest.raises(OSError, match="Timeout"):
+            red.get_many_into([key(1)], out)
+        assert timeout * 0.8 < time.monotonic() - start < timeout * 4
+        assert red.breaker.state == "open"
+    finally:
+        server.resume()
+    wait_until(lambda: red.breaker.retry_in() == 0)
+    assert red.get_many_into([key(1)], out) == [True] and bytes(out[0]) == value(1)
+    red.close()
+
+
 def test_errors_the_server_answers_do_not_open_the_breaker(redis_url):
     with redis_server(maxmemory_bytes=3 << 20) as s:  # OOM: a refusal, not an outage
         red = RedisBackend(64 << 20, url=s.url, namespace=ns(), breaker_backoff_s=BACKOFF)

@@ -34,6 +34,8 @@ def value(i: int, size: int = 1000) -> bytes:
 def roundtrip(url: str, **kwargs: float) -> RedisBackend:
     backend = RedisBackend(1 << 20, url=url, namespace="sec", **kwargs)
     assert backend.put(key(1), value(1)) and backend.get(key(1)) == value(1)
+    out = memoryview(bytearray(len(value(1))))  # the loader's read, from the socket itself
+    assert backend.get_many_into([key(1)], [out]) == [True] and bytes(out) == value(1)
     backend.check_integrity()
     return backend
 

@@ -75,6 +75,7 @@ from redis.retry import Retry
 
 from disagg.credentials import redact_url
 
+from . import resp
 from .backend import BytesLike, CircuitBreaker, StoreBackend, TierUnavailable
 from .keys import ChunkKey
 
@@ -235,6 +236,7 @@ class RedisBackend(StoreBackend):
     """
 
     name = "redis"
+    reads_in_place = True  # ``get_many_into``: from the socket into the caller's buffers
 
     def __init__(self, capacity_bytes: int, url: str = "redis://127.0.0.1:6379/0",
                  namespace: str = "disagg", socket_timeout_s: float = 2.0,
@@ -306,15 +308,36 @@ class RedisBackend(StoreBackend):
                 pipe.get(self._vprefix + hx)
             pipe.hmget(self._keys[5], hexes)
             *blobs, sums = pipe.execute()
-        hits = [hx for hx, b in zip(hexes, blobs, strict=True) if b is not None]
+        self._touch([hx for hx, b in zip(hexes, blobs, strict=True) if b is not None])
+        return [None if b is None else self._checked(k, b, sum_ or b"")
+                for k, b, sum_ in zip(keys, blobs, sums, strict=True)]
+
+    def get_many_into(self, keys: Sequence[ChunkKey], out: Sequence[memoryview]) -> list[bool]:
+        """Values straight from the socket into ``out`` (``resp.get_into``): no allocation
+        per value; checksums checked in place."""
+        if not keys:
+            return []
+        hexes = [k.hex for k in keys]
+        with self._errors("get"):
+            sizes, sums = resp.get_into(self._client, [self._vprefix + hx for hx in hexes],
+                                        self._keys[5], hexes, out)
+        found = []
+        for i, key in enumerate(keys):
+            ok = sizes[i] == out[i].nbytes and sums[i] == _checksum(key, out[i])
+            if sizes[i] == out[i].nbytes and not ok:
+                self._drop_corrupt(key, bytes(out[i]))
+            found.append(ok)
+        self._touch([hx for hx, size in zip(hexes, sizes, strict=True) if size is not None])
+        return found
+
+    def _touch(self, hits: list[str]) -> None:
+        """Mark entries just read as recently used (best effort)."""
         if hits:
             try:
                 self._run("touch", *hits)
             except OSError:  # the values are good; only their recency was not updated
                 logger.debug("redis tier %s: touching %d entries failed", self.where,
                              len(hits), exc_info=True)
-        return [None if b is None else self._checked(k, b, sum_ or b"")
-                for k, b, sum_ in zip(keys, blobs, sums, strict=True)]
 
     def _checked(self, key: ChunkKey, blob: bytes, checksum: bytes) -> bytes | None:
         """``blob`` if ``checksum`` is its checksum; a corrupt entry is dropped."""
