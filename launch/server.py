@@ -7,8 +7,10 @@
 
 The launcher tells every worker about instances joining, draining and leaving
 (``GatewayWorkers``); each worker polls the engines and follows restarts by itself. A
-scale request reaching worker k > 0 is forwarded to worker 0 (the launcher scales).
-"""
+scale request reaching worker k > 0 is forwarded to worker 0 (the launcher scales). A
+worker whose process dies is restarted by Ray, finds the deployment's instances by their
+actors, and takes its share of the port again; its routing state starts afresh (its
+prefix index fills from the engines' KV events from then on)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -133,6 +136,12 @@ class GatewayWorker:
         m = ServedModel(**json.loads(model_json))
         instances = {k: InstanceInfo.model_validate_json(v) for k, v in instances_json.items()}
         self._deployment = deployment
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted this worker after its process died: the instances it was
+            # started with may have been scaled since; the deployment's actors say.
+            instances = current_instances(deployment, instances)
+            logger.warning("gateway worker %d restarted after its process died; serving "
+                           "again with %d instances", index, len(instances))
         sockets = [listen_socket(t.api.host, port, reuse_port=True),
                    listen_socket(t.api.host, 0, reuse_port=False)]
         worker: dict[str, Any] = {"index": index, "pid": os.getpid(), "workers": t.api.workers}
@@ -179,7 +188,33 @@ class GatewayWorker:
         self.server.stop()
 
 
-RemoteGatewayWorker = ray.remote(num_cpus=0, max_restarts=0)(GatewayWorker)
+def current_instances(deployment: str, known: dict[str, InstanceInfo],
+                      timeout_s: float = 10.0) -> dict[str, InstanceInfo]:
+    """The deployment's instances now: every instance actor of ``deployment`` (by name:
+    ``<deployment>-<role>-<n>``), as it describes itself; one that does not answer in
+    ``timeout_s`` keeps its ``known`` description (the pool follows it once it is back)."""
+    names = re.compile(rf"{re.escape(deployment)}-((?:prefill|decode)-\d+)")
+    keys = {match.group(1) for name in ray.util.list_named_actors()
+            if (match := names.fullmatch(name))}
+    out = {}
+    for key in sorted(keys | set(known)):
+        try:
+            actor = ray.get_actor(f"{deployment}-{key}")
+        except ValueError:  # removed (scaled down) since this worker was started
+            continue
+        try:
+            out[key] = ray.get(actor.info.remote(), timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001  # restarting itself: keep what we knew
+            if key in known:
+                out[key] = known[key]
+            logger.warning("instance %s did not describe itself: %s", key, exc)
+    return out
+
+
+# A worker whose process dies is restarted by Ray (and rejoins the shared port); a bound,
+# so that a worker that cannot start at all does not restart forever.
+WORKER_RESTARTS = 10
+RemoteGatewayWorker = ray.remote(num_cpus=0, max_restarts=WORKER_RESTARTS)(GatewayWorker)
 
 
 class GatewayWorkers:

@@ -125,3 +125,36 @@ def test_membership_changes_reach_every_worker(dep):
     assert dep._workers.inflight(["decode-9"]) == 0
     dep._workers.remove_instance("decode-9")
     assert "decode-9" not in keys()
+
+
+def test_a_worker_whose_process_dies_is_restarted_and_serves_again(dep):
+    """Last in this module: it kills worker 1's process. Ray restarts the worker, which
+    finds the instances by their actors and takes its share of the shared port again."""
+    import os
+    import signal
+
+    old = dep.status()["workers"][1]
+    os.kill(old["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        workers = dep._workers.status()
+        new = workers[0]["worker"]
+        if "pid" in new and new["pid"] != old["pid"]:
+            break
+        assert time.monotonic() < deadline, f"worker 1 not back: {new}"
+        time.sleep(0.5)
+    w1 = new["url"]
+    assert {i["key"] for i in _status(w1)["instances"]} == set(dep.instances)
+    engine = dep.instances["decode-0"].url
+    prompt = token_prompts(1, (200, 300), vocab=16000, seed=5)[0]
+    want = complete(engine, "tiny", prompt, MAX_TOKENS, stream=False)
+    assert complete(w1, "tiny", prompt, MAX_TOKENS, stream=False) == want
+    urls = _urls(dep)
+    before = [scrape(u, "disagg_requests") for u in urls]
+    for i in range(30):
+        r = httpx.post(dep.url + "/v1/completions", timeout=120,
+                       headers={"Connection": "close"},
+                       json={"model": "tiny", "prompt": f"again {i}", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    served = [scrape(u, "disagg_requests") - b for u, b in zip(urls, before, strict=True)]
+    assert sum(served) == 30 and all(n > 0 for n in served), served
