@@ -286,7 +286,9 @@ def _read_all(conn, port, raw_meta, raw_addr, num_blocks, blocks, nbytes, repeat
         torch.equal(c[blocks : 2 * blocks], e[:blocks])
         for c, e in zip(caches, expected, strict=True)
     )
-    descs = reader.stats.data["kv_descriptors"] / max(1, reader.stats.data["kv_transfers_received"])
+    stats = reader.take_stats()
+    assert stats is not None
+    descs = stats.data["kv_descriptors"] / max(1, stats.data["kv_transfers_received"])
     reader.close()
     return {"ours_s": t_ours, "raw_s": t_raw, "raw_layers_s": t_layers, "torch_s": t_copy,
             "descriptors": descs}

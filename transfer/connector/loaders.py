@@ -61,6 +61,10 @@ class KVLoader(ABC, Generic[OrderT]):
         """Orders started and not yet reported by ``poll``."""
         return False
 
+    def flush_stats(self) -> None:
+        """Add counts still held back (``PeerLoader`` counts a pull after reporting it)."""
+        return None
+
     def close(self) -> None:
         return None
 
@@ -117,6 +121,7 @@ class PeerLoader(KVLoader[RecvOrder]):
         self.handshake_timeout_s, self.timeout_s = handshake_timeout_s, timeout_s
         self._pulls: dict[str, _Pull] = {}
         self._routes: dict[int, _Route] = {}  # by the prefill's TP size
+        self._uncounted: list[tuple[_Pull, float]] = []  # done, their stats not yet added
         self._peer_keys: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._ucx = TransportReport()
         self.transports: dict[str, str] = {}  # peer engine id -> what UCX reads it over
@@ -181,12 +186,20 @@ class PeerLoader(KVLoader[RecvOrder]):
     def busy(self) -> bool:
         return bool(self._pulls)
 
+    def flush_stats(self) -> None:
+        """Count the pulls the last poll reported: a request's KV is reported ready without
+        its bookkeeping on the way (stats are taken after the step, ``take_stats``)."""
+        for pull, at in self._uncounted:
+            self._count(pull, at)
+        self._uncounted.clear()
+
     def _handshake(self, addr: PeerAddress, rank: int) -> HandshakeReply:
         req = HandshakeRequest(engine_id=self.engine_id, compat=self.compat)
         return channel.handshake(addr.host, addr.port + rank, req,
                                  self.handshake_timeout_s, key=self._channel_key)
 
     def poll(self) -> list[LoadResult]:
+        self.flush_stats()
         done: list[LoadResult] = []
         now = time.monotonic()
         for rid, pull in list(self._pulls.items()):
@@ -204,7 +217,7 @@ class PeerLoader(KVLoader[RecvOrder]):
                 continue
             del self._pulls[rid]
             if state == "DONE":
-                self._count(pull, now)
+                self._uncounted.append((pull, now))
             else:
                 self._forget(pull)
             done.append(LoadResult(pull.order, state == "DONE", reason,

@@ -376,6 +376,8 @@ class ConnectorWorker:
         return errors
 
     def take_stats(self) -> TransferStats | None:
+        for loader in self.loaders.values():
+            loader.flush_stats()
         with self._stats_lock:
             out, self.stats = self.stats, TransferStats()
         if self.store is not None:

@@ -39,6 +39,7 @@ class Peer:
     planes: tuple[Plane, ...]
     prepped: object  # NIXL's prepared list of every block of every plane (``strided_dlist``)
     offsets: tuple[int, ...]  # each plane's first entry in ``prepped``
+    run_planes: int  # planes contiguous on both sides: a READ moves runs of blocks there
 
 
 @dataclass(slots=True)
@@ -47,7 +48,17 @@ class Read:
 
     handle: object
     num_bytes: int
-    num_descriptors: int
+    descriptors: int  # known, or per run of blocks in each of ``run_planes`` planes (below)
+    run_planes: int = 0  # planes whose descriptors are one per run: counted on demand
+    ids: tuple[Sequence[int], Sequence[int]] = ((), ())  # (local, remote) block ids
+
+    @property
+    def num_descriptors(self) -> int:
+        """Descriptors after merging consecutive blocks, as ``coalesce`` does: counted when
+        asked (for stats, after the READ), not while the READ is posted."""
+        if not self.run_planes:
+            return self.descriptors
+        return self.descriptors + self.run_planes * count_runs(*self.ids)
 
 
 class KVEndpoint:
@@ -102,7 +113,9 @@ class KVEndpoint:
                 raise ValueError(f"peer has {len(planes)} KV planes, we have {len(self.planes)}")
             name = self.agent.add_remote_agent(reply.agent_metadata)
             prepped = self.agent.prep_xfer_dlist(name, strided_dlist(planes), self.mem_type)
-            self._peers[engine_id] = Peer(name, planes, prepped, _offsets(planes))
+            runs = sum(p.contiguous and q.contiguous
+                       for p, q in zip(self.planes, planes, strict=True))
+            self._peers[engine_id] = Peer(name, planes, prepped, _offsets(planes), runs)
         return self._peers[engine_id]
 
     def peer(self, engine_id: str) -> Peer | None:
@@ -145,15 +158,17 @@ class KVEndpoint:
         ``heads``); the peer gets ``notif`` when done. Raises ValueError for a block id
         outside either side's cache."""
         if heads is None:
-            handle, num_bytes, num_descs = self._prepared_read(peer, local_ids, remote_ids,
-                                                               notif)
+            handle = self._prepared_read(peer, local_ids, remote_ids, notif)
+            read = Read(handle, len(local_ids) * self._block_bytes,
+                        (len(self.planes) - peer.run_planes) * len(local_ids),
+                        peer.run_planes, (local_ids, remote_ids))
         else:
             local, remote = slice_descriptors(self.planes, peer.planes,
                                               coalesce(local_ids, remote_ids), heads)
             handle = self.agent.initialize_xfer(
                 "READ", self.agent.get_xfer_descs(local, self.mem_type),
                 self.agent.get_xfer_descs(remote, self.mem_type), peer.agent_name, notif)
-            num_bytes, num_descs = sum(d[1] for d in local), len(local)
+            read = Read(handle, sum(d[1] for d in local), len(local))
         try:
             state = self.agent.transfer(handle)
         except Exception:  # the peer is gone (NIXL_ERR_REMOTE_DISCONNECT) or refused
@@ -162,25 +177,21 @@ class KVEndpoint:
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
             raise RuntimeError("NIXL refused to post the READ")
-        return Read(handle, num_bytes, num_descs)
+        return read
 
     def _prepared_read(self, peer: Peer, local_ids: Sequence[int], remote_ids: Sequence[int],
-                       notif: bytes) -> tuple[object, int, int]:
-        """A whole-block READ from the prepared lists: (handle, bytes, descriptors after
-        NIXL merges consecutive blocks, as ``coalesce`` would)."""
+                       notif: bytes) -> object:
+        """A whole-block READ's handle, from the prepared lists (NIXL merges consecutive
+        blocks into one descriptor, as ``coalesce`` does)."""
         if len(local_ids) != len(remote_ids):
             raise ValueError(f"{len(local_ids)} local blocks for {len(remote_ids)} remote blocks")
         here, there = self.planes[0].num_blocks, peer.planes[0].num_blocks
         if not (_within(local_ids, here) and _within(remote_ids, there)):
             raise ValueError(f"block ids outside the caches ({here} local, {there} remote "
                              "blocks)")
-        handle = self.agent.make_prepped_xfer(
+        return self.agent.make_prepped_xfer(
             "READ", self._prepped, block_indices(self._offsets, local_ids),
             peer.prepped, block_indices(peer.offsets, remote_ids), notif)
-        runs = count_runs(local_ids, remote_ids)
-        per_plane = [runs if p.contiguous and q.contiguous else len(local_ids)
-                     for p, q in zip(self.planes, peer.planes, strict=True)]
-        return handle, len(local_ids) * self._block_bytes, sum(per_plane)
 
     def notify(self, peer: Peer, notif: bytes) -> None:
         """Send ``notif`` to the peer without a READ (a rank we read nothing from)."""
