@@ -83,6 +83,27 @@ def test_pull_then_notification_frees_the_prefill_blocks():
         p.close()
 
 
+def test_pull_stats_are_counted_at_take_stats_or_once_enough_wait():
+    """A finished pull is reported at once; its counters are added by ``take_stats`` (once
+    per step in vLLM), or by a later poll once ``COUNT_EVERY`` of them wait."""
+    p, _ = _worker("p", True, lease_s=60)
+    d, _ = _worker("d", False)
+    try:
+        d.loaders["peer"].COUNT_EVERY = 2
+        for i in range(3):
+            p.start(DisaggMetadata(sends={f"preq{i}": 60.0}))
+            order = RecvOrder(f"dreq{i}", PeerAddress("p", "127.0.0.1", p._server.port),
+                              f"preq{i}", (5 + i,), (i,))
+            d.start(DisaggMetadata(recvs=[order]))
+            _step_until([p, d], lambda r, i=i: f"dreq{i}" in r[d][1])
+            # Reported; counted only once two wait, by the poll after that.
+            assert d.stats.data["kv_transfers_received"] == (0, 0, 2)[i]
+        assert d.take_stats().data["kv_transfers_received"] == 3
+    finally:
+        d.close()
+        p.close()
+
+
 def test_pull_from_a_dead_peer_fails_fast_and_reports_load_errors():
     d, _ = _worker("d2", False, handshake_timeout_s=0.5, transfer_timeout_s=5)
     try:

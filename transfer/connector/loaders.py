@@ -111,6 +111,7 @@ class PeerLoader(KVLoader[RecvOrder]):
     """
 
     name = "peer"
+    COUNT_EVERY = 64  # finished pulls held for counting at most, when stats are not taken
 
     def __init__(self, endpoint: KVEndpoint, engine_id: str, tp_rank: int, compat: Compat,
                  handshake_timeout_s: float, timeout_s: float, stats: Callable[[], TransferStats],
@@ -187,8 +188,9 @@ class PeerLoader(KVLoader[RecvOrder]):
         return bool(self._pulls)
 
     def flush_stats(self) -> None:
-        """Count the pulls the last poll reported: a request's KV is reported ready without
-        its bookkeeping on the way (stats are taken after the step, ``take_stats``)."""
+        """Count the pulls reported since the last call: a request's KV is reported ready
+        without its bookkeeping on the way; vLLM takes stats once per step, after the
+        model ran (``ConnectorWorker.take_stats``), and that call counts them."""
         for pull, at in self._uncounted:
             self._count(pull, at)
         self._uncounted.clear()
@@ -199,7 +201,8 @@ class PeerLoader(KVLoader[RecvOrder]):
                                  self.handshake_timeout_s, key=self._channel_key)
 
     def poll(self) -> list[LoadResult]:
-        self.flush_stats()
+        if len(self._uncounted) >= self.COUNT_EVERY:  # nobody takes stats: bound the list
+            self.flush_stats()
         done: list[LoadResult] = []
         now = time.monotonic()
         for rid, pull in list(self._pulls.items()):
