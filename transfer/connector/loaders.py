@@ -123,7 +123,6 @@ class PeerLoader(KVLoader[RecvOrder]):
         self._pulls: dict[str, _Pull] = {}
         self._routes: dict[int, _Route] = {}  # by the prefill's TP size
         self._uncounted: list[tuple[_Pull, float]] = []  # done, their stats not yet added
-        self._peer_keys: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._ucx = TransportReport()
         self.transports: dict[str, str] = {}  # peer engine id -> what UCX reads it over
 
@@ -270,14 +269,9 @@ class PeerLoader(KVLoader[RecvOrder]):
         s.add("kv_transfer_seconds", now - pull.started)
         peer = pull.order.peer.engine_id
         transport = self._transport(peer)
-        keys = self._peer_keys.get((peer, transport))
-        if keys is None:
-            keys = (peer_key(peer, transport, "bytes"), peer_key(peer, transport, "seconds"),
-                    peer_key(peer, transport, "pulls"))
-            self._peer_keys[(peer, transport)] = keys
-        s.add(keys[0], num_bytes)
-        s.add(keys[1], now - pull.started)
-        s.add(keys[2])
+        s.add(peer_key(peer, transport, "bytes"), num_bytes)
+        s.add(peer_key(peer, transport, "seconds"), now - pull.started)
+        s.add(peer_key(peer, transport, "pulls"))
 
     def _transport(self, peer: str) -> str:
         """What UCX reads ``peer`` over: its report as of the first pull from it (UCX picks
