@@ -56,12 +56,18 @@ def test_greedy_outputs_through_each_worker_match_the_engine(dep, stream):
 
 
 def test_both_workers_serve_the_shared_port(dep):
+    _spread_over_workers(dep, "hello")
+
+
+def _spread_over_workers(dep, text: str) -> None:
+    """30 requests to the shared port, a connection each: the kernel spreads them over the
+    workers, and every worker serves some."""
     urls = _urls(dep)
     before = [scrape(u, "disagg_requests") for u in urls]
-    for i in range(30):  # a connection each: the kernel spreads them over the workers
+    for i in range(30):
         r = httpx.post(dep.url + "/v1/completions", timeout=120,
                        headers={"Connection": "close"},
-                       json={"model": "tiny", "prompt": f"hello {i}", "max_tokens": 2})
+                       json={"model": "tiny", "prompt": f"{text} {i}", "max_tokens": 2})
         assert r.status_code == 200, r.text
     served = [scrape(u, "disagg_requests") - b for u, b in zip(urls, before, strict=True)]
     assert sum(served) == 30 and all(n > 0 for n in served), served
@@ -149,12 +155,4 @@ def test_a_worker_whose_process_dies_is_restarted_and_serves_again(dep):
     prompt = token_prompts(1, (200, 300), vocab=16000, seed=5)[0]
     want = complete(engine, "tiny", prompt, MAX_TOKENS, stream=False)
     assert complete(w1, "tiny", prompt, MAX_TOKENS, stream=False) == want
-    urls = _urls(dep)
-    before = [scrape(u, "disagg_requests") for u in urls]
-    for i in range(30):
-        r = httpx.post(dep.url + "/v1/completions", timeout=120,
-                       headers={"Connection": "close"},
-                       json={"model": "tiny", "prompt": f"again {i}", "max_tokens": 2})
-        assert r.status_code == 200, r.text
-    served = [scrape(u, "disagg_requests") - b for u, b in zip(urls, before, strict=True)]
-    assert sum(served) == 30 and all(n > 0 for n in served), served
+    _spread_over_workers(dep, "again")
