@@ -69,19 +69,6 @@ class KVLoader(ABC, Generic[OrderT]):
         return None
 
 
-@dataclass(slots=True)
-class _Pull:
-    order: RecvOrder
-    deadline: float
-    started: float
-    plan: tuple[HeadSlice, ...]  # what to read from which remote rank
-    ranks: tuple[int, ...]  # remote ranks to notify when done (``tp_layout.contacts``)
-    handshakes: dict[int, Future] = field(default_factory=dict)
-    reads: list[Read] | None = None  # posted once every remote rank is known
-    live: list[Read] = field(default_factory=list)  # posted and not yet DONE
-    error: Exception | None = None  # raised while posting; reported by the next poll
-
-
 @dataclass(frozen=True, slots=True)
 class _Route:
     """How this rank pulls from a prefill of one TP size (``disagg.tp_layout``), worked
@@ -91,6 +78,19 @@ class _Route:
     ranks: tuple[int, ...]  # remote ranks to notify when done
     notices: dict[int, int]  # remote rank -> completion notices it waits for per request
     whole: bool  # same heads per rank on both sides: a slice is the remote's whole blocks
+    silent: tuple[int, ...]  # ranks in ``ranks`` read nothing from: notified without a READ
+
+
+@dataclass(slots=True)
+class _Pull:
+    order: RecvOrder
+    deadline: float
+    started: float
+    route: _Route | None  # None: the prefill's TP size cannot shard the heads (``error``)
+    handshakes: dict[int, Future] = field(default_factory=dict)
+    reads: list[Read] | None = None  # posted once every remote rank is known
+    live: list[Read] = field(default_factory=list)  # posted and not yet DONE
+    error: Exception | None = None  # raised while posting; reported by the next poll
 
 
 def peer_rank_key(engine_id: str, rank: int) -> str:
@@ -131,10 +131,10 @@ class PeerLoader(KVLoader[RecvOrder]):
         try:
             route = self._route(order.peer.tp_size)
         except ValueError as exc:  # a TP size that cannot shard the heads: recompute
-            self._pulls[order.request_id] = _Pull(order, now + self.timeout_s, now, (), (),
+            self._pulls[order.request_id] = _Pull(order, now + self.timeout_s, now, None,
                                                   error=exc)
             return
-        pull = _Pull(order, now + self.timeout_s, now, route.plan, route.ranks)
+        pull = _Pull(order, now + self.timeout_s, now, route)
         self._pulls[order.request_id] = pull
         try:
             self._advance(pull)
@@ -146,17 +146,19 @@ class PeerLoader(KVLoader[RecvOrder]):
         if route is None:
             k, d = self.compat.num_kv_heads, self.compat.tp_size
             ranks = contacts(k, remote_tp, d, self.tp_rank)
-            route = _Route(read_plan(k, remote_tp, d, self.tp_rank), ranks,
-                           {r: expected_notices(k, remote_tp, d, r) for r in ranks},
-                           heads_per_rank(k, remote_tp) == heads_per_rank(k, d))
+            plan = read_plan(k, remote_tp, d, self.tp_rank)
+            route = _Route(plan, ranks, {r: expected_notices(k, remote_tp, d, r) for r in ranks},
+                           heads_per_rank(k, remote_tp) == heads_per_rank(k, d),
+                           tuple(sorted(set(ranks) - {hs.remote_rank for hs in plan})))
             self._routes[remote_tp] = route
         return route
 
     def _advance(self, pull: _Pull) -> None:
         """Post the READs once every remote rank is known, handshaking where needed."""
-        o = pull.order
+        o, route = pull.order, pull.route
+        assert route is not None  # a pull without a route failed in ``start``
         peers = {}
-        for rank in pull.ranks:
+        for rank in route.ranks:
             key = peer_rank_key(o.peer.engine_id, rank)
             peer = self.endpoint.peer(key)
             if peer is None:
@@ -169,18 +171,18 @@ class PeerLoader(KVLoader[RecvOrder]):
                 peer = self.endpoint.add_peer(key, hs.result())
                 self._stats().add("kv_handshakes")
             peers[rank] = peer
-        if len(peers) < len(pull.ranks):
+        if len(peers) < len(route.ranks):
             return
-        route = self._route(o.peer.tp_size)
-        notices = {r: completion_notice(o.remote_request_id, n) for r, n in route.notices.items()}
+        rid = o.remote_request_id
         pull.reads = [
             self.endpoint.start_read(peers[hs.remote_rank], o.local_block_ids,
-                                     o.remote_block_ids, notices[hs.remote_rank],
+                                     o.remote_block_ids,
+                                     completion_notice(rid, route.notices[hs.remote_rank]),
                                      None if route.whole else hs)
-            for hs in pull.plan]
-        pull.live = list(pull.reads)
-        for rank in set(pull.ranks) - {hs.remote_rank for hs in pull.plan}:
-            self.endpoint.notify(peers[rank], notices[rank])  # read nothing there: free it
+            for hs in route.plan]
+        pull.live = [r for r in pull.reads if not r.done]
+        for rank in route.silent:  # read nothing there: free it
+            self.endpoint.notify(peers[rank], completion_notice(rid, route.notices[rank]))
 
     @property
     def busy(self) -> bool:

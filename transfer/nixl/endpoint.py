@@ -51,6 +51,7 @@ class Read:
     descriptors: int  # known, or per run of blocks in each of ``run_planes`` planes (below)
     run_planes: int = 0  # planes whose descriptors are one per run: counted on demand
     ids: tuple[Sequence[int], Sequence[int]] = ((), ())  # (local, remote) block ids
+    done: bool = False  # finished when posted (its handle already released)
 
     @property
     def num_descriptors(self) -> int:
@@ -177,6 +178,9 @@ class KVEndpoint:
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
             raise RuntimeError("NIXL refused to post the READ")
+        if state == "DONE":  # done within the call (UCX over CMA copies inline): no polls
+            self.agent.release_xfer_handle(handle)
+            read.done = True
         return read
 
     def _prepared_read(self, peer: Peer, local_ids: Sequence[int], remote_ids: Sequence[int],
@@ -202,6 +206,8 @@ class KVEndpoint:
 
         The reader's engine polls once per step: its steps are short (decode), and keeping
         every call on its thread avoids contending for the agent's lock."""
+        if read.done:
+            return "DONE"
         state = self.agent.check_xfer_state(read.handle)
         if state != "PROC":
             self.agent.release_xfer_handle(read.handle)
@@ -209,6 +215,8 @@ class KVEndpoint:
 
     def abandon(self, read: Read) -> None:
         """Give up on a READ (timed out): release (abort) its handle."""
+        if read.done:
+            return
         try:
             self.agent.release_xfer_handle(read.handle)
         except Exception as exc:  # NIXL may refuse to abort an active transfer
