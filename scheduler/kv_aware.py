@@ -59,27 +59,27 @@ class KVAware(Policy):
     def __init__(self) -> None:
         self._turn = itertools.count()
 
-    def cost(self, c: Candidate, request: RequestInfo,
-             prior: tuple[float, float, float] = (1.0, PRIOR_LOAD_SPEEDUP,
-                                                  PRIOR_STEP_TOKENS)) -> float:
-        """Seconds until ``request``'s first token on ``c``; ``prior``: (prefill rate, load
-        rate, step seconds) for what ``c`` has not been measured on yet."""
-        uncached = request.uncached_tokens(c.engine_id) or 0
-        stored = request.store_tokens.get(c.engine_id, 0)
-        prefill, load, step = prior
-        hop = request.hop_from is not None and uncached >= request.hop_from
-        here = 0 if hop else uncached
-        return ((c.pending_tokens + here) / (c.prefill_rate or prefill)
-                + stored / (c.load_rate or load) + (request.hop_s if hop else 0.0)
-                + c.decoding * (c.step_s or step))
-
     def choose(self, candidates: Sequence[Candidate], request: RequestInfo) -> Candidate:
         k = next(self._turn) % len(candidates)
         ordered = [*candidates[k:], *candidates[:k]]
         if request.prompt_tokens is None:
             return min(ordered, key=queue_depth)
         prior = priors(candidates)
-        return min(ordered, key=lambda c: self.cost(c, request, prior))
+        return min(ordered, key=lambda c: first_token_seconds(c, request, prior))
+
+
+def first_token_seconds(c: Candidate, request: RequestInfo,
+                        prior: tuple[float, float, float]) -> float:
+    """Seconds until ``request``'s first token on ``c`` (the module's cost); ``prior``:
+    (prefill rate, load rate, step seconds) for what ``c`` has not been measured on yet."""
+    uncached = request.uncached_tokens(c.engine_id) or 0
+    stored = request.store_tokens.get(c.engine_id, 0)
+    prefill, load, step = prior
+    hop = request.hop_from is not None and uncached >= request.hop_from
+    here = 0 if hop else uncached
+    return ((c.pending_tokens + here) / (c.prefill_rate or prefill)
+            + stored / (c.load_rate or load) + (request.hop_s if hop else 0.0)
+            + c.decoding * (c.step_s or step))
 
 
 def priors(candidates: Sequence[Candidate]) -> tuple[float, float, float]:
@@ -97,4 +97,4 @@ def hop_seconds(prefill: Sequence[Candidate], request: RequestInfo) -> float:
     """Seconds until a prefill hop would have computed ``request``'s prompt on the best of
     ``prefill`` (its queue, and the part of the prompt it does not hold)."""
     prior = priors(prefill)
-    return min(KVAware().cost(c, request, prior) for c in prefill)
+    return min(first_token_seconds(c, request, prior) for c in prefill)

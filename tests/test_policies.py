@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from disagg.launch.topology import TopologyError, parse_topology
 from disagg.scheduler import Candidate, RequestInfo, make_policy, policy_names
+from disagg.scheduler.kv_aware import KVAware, first_token_seconds
 
 
 def _cands(n):
@@ -99,8 +100,6 @@ def test_session_affinity_is_sticky_and_moves_only_a_lost_instances_sessions():
 
 
 def test_kv_aware_credits_store_hits_at_their_learned_load_rate():
-    from disagg.scheduler.kv_aware import KVAware
-
     c = [Candidate("e0", "u0"), Candidate("e1", "u1")]
     info = RequestInfo("r", prompt_tokens=2000, cached_tokens={"e1": 1000},
                        store_tokens={"e0": 1800})
@@ -158,8 +157,8 @@ def test_kv_aware_counts_each_decoding_request_as_a_step():
     assert picks["e1"] >= 15 and picks["e0"] >= 15  # recompute 0.5 s = 10 steps: spread
     # Not measured yet: a step is priced as the median measured one.
     fresh = [*cands, Candidate("e2", "u2", prefill_rate=2000.0)]
-    assert kv.cost(fresh[2], info, (2000.0, 20000.0, 0.05)) < kv.cost(
-        fresh[0], info, (2000.0, 20000.0, 0.05))
+    prior = (2000.0, 20000.0, 0.05)
+    assert first_token_seconds(fresh[2], info, prior) < first_token_seconds(fresh[0], info, prior)
 
 
 def test_kv_aware_decoders_that_all_take_the_hop_split_by_decode_queue():
