@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -426,3 +427,21 @@ def test_a_really_full_filesystem(tiny_filesystem):
         disk.delete(stored[0])  # room again
         store.put(key(99), value(99, big))
         assert store.flush(timeout=30) and disk.contains(key(99))
+
+
+@pytest.mark.parametrize("reply,ok", [(b"$3\r\nabc\r\n", True), (b"$3\r\nabcX\r\n", False),
+                                      (b"$2\r\nabc\r\n", False)])
+def test_a_bulk_value_must_end_where_its_length_says(reply, ok):
+    """A length that does not match the bytes (a server bug, a stream out of step) is an
+    error, never a value read from the wrong place."""
+    from disagg.transfer.store.resp import _Reader
+
+    here, there = socket.socketpair()
+    with here, there:
+        there.sendall(reply)
+        out = memoryview(bytearray(3))
+        if ok:
+            assert _Reader(here).bulk_into(out) == 3 and bytes(out) == b"abc"
+        else:
+            with pytest.raises(redis.exceptions.InvalidResponse):
+                _Reader(here).bulk_into(out)

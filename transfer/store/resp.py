@@ -31,6 +31,7 @@ class _Reader:
         self._buf = bytearray(_LINE_MAX)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
+        self._crlf = memoryview(bytearray(2))  # where each bulk value's CRLF lands
 
     def _recv_into(self, view: memoryview) -> int:
         try:
@@ -93,7 +94,9 @@ class _Reader:
             self.readinto(out)
         else:
             self.skip(size)
-        self.readinto(memoryview(bytearray(2)))  # the value's CRLF
+        self.readinto(self._crlf)
+        if self._crlf != b"\r\n":  # the length was wrong, or the stream is out of step
+            raise redis.exceptions.InvalidResponse("Redis bulk value not ended by CRLF")
         return size
 
     def bulk(self) -> bytes | None:
