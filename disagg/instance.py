@@ -130,6 +130,10 @@ def free_run(n: int, host: str = "127.0.0.1", exclude: AbstractSet[int] = frozen
 
 # vLLM (and ZMQ) say this when a port picked as free was taken before the bind.
 _PORT_RACE = ("Address already in use", "address already in use")
+# A worker that fails during start-up can leave vLLM's API server waiting for its engine
+# (measured: a KV connector failing to bind its port, the server still waiting 8 min later):
+# start-up has failed once the log says so, whether the process exits or not.
+_START_FAILED = ("WorkerProc hit an exception", "EngineCore failed to start")
 _PID_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ")
 _ROOT_CAUSE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:\S+ )*?(\w+(?:\.\w+)*(?:Error|Exception)): ")
 
@@ -330,6 +334,10 @@ class VLLMProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             proc = self._proc
+            if proc is not None and proc.poll() is None and self._start_failed():
+                logger.warning("engine %s: start-up failed but vLLM still runs; stopping it",
+                               self.engine_id)
+                _end(proc)
             if proc is None or proc.poll() is not None:
                 log = self._log_since_start()
                 with self._lifecycle:  # a concurrent stop() wins: no engine after it
@@ -353,6 +361,10 @@ class VLLMProcess:
             time.sleep(0.5)
         raise RuntimeError(f"engine {self.engine_id} not healthy after {timeout_s}s: "
                            f"see {self.log_path}")
+
+    def _start_failed(self) -> bool:
+        log = self._log_since_start()
+        return any(m in log for m in _START_FAILED)
 
     def healthy(self) -> bool:
         try:
@@ -409,16 +421,21 @@ class VLLMProcess:
         with self._lifecycle:
             self._stopped = True
             proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        if proc is not None:
+            _end(proc, timeout_s)
+
+
+def _end(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """Stop a supervised engine: the supervisor stops vLLM's process group when its stdin
+    closes; SIGKILL the group after ``timeout_s``."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
 
 
 def rank_cores(cores: list[int], ranks: int) -> list[list[int]]:

@@ -146,3 +146,45 @@ def test_an_engine_binds_only_an_address_of_its_own_node(monkeypatch):
     monkeypatch.setenv("DISAGG_BIND_IP", "192.0.2.78")
     with pytest.raises(ValueError, match="DISAGG_BIND_IP 192.0.2.78"):
         bind_ip("127.0.0.1")
+
+
+_STUCK = """
+import sys, time
+print("(Worker pid=1) ERROR [multiproc_executor.py:1063] WorkerProc hit an exception.")
+print("(Worker pid=1) ERROR zmq.error.ZMQError: Address already in use "
+      "(addr='tcp://127.0.0.1:39071')", flush=True)
+time.sleep(600)  # vLLM's API server, still waiting for the engine that will never start
+"""
+
+
+def test_a_start_up_failure_with_vllm_left_waiting_is_caught_and_retried(spec, monkeypatch):
+    """A worker failing at start-up (here: its KV connector's port taken) can leave vLLM
+    waiting for its engine: the instance stops it and restarts on fresh ports instead of
+    waiting out the start-up timeout."""
+    starts = []
+    real_start = _FakeServerProcess.start
+
+    def start(self):
+        starts.append(1)
+        self.script = _STUCK if len(starts) == 1 else _SERVER
+        real_start(self)
+
+    monkeypatch.setattr(_FakeServerProcess, "start", start)
+    proc = _FakeServerProcess(spec)
+    try:
+        proc.start()
+        proc.wait_healthy(30)  # waiting out the stuck child would fail here, after 30 s
+        assert len(starts) == 2 and proc.healthy()
+    finally:
+        proc.stop()
+
+
+def test_a_start_up_failure_with_vllm_left_waiting_names_its_root_cause(spec):
+    stuck = _STUCK.replace("ZMQError: Address already in use", "ValueError: bad KV layout")
+    proc = _FakeServerProcess(spec, script=stuck)
+    proc.start()
+    try:
+        with pytest.raises(RuntimeError, match="ValueError: bad KV layout"):
+            proc.wait_healthy(30)
+    finally:
+        proc.stop()
