@@ -31,7 +31,8 @@ class _Reader:
         self._buf = bytearray(_LINE_MAX)
         self._view = memoryview(self._buf)
         self._start = self._end = 0
-        self._crlf = memoryview(bytearray(2))  # where each bulk value's CRLF lands
+        self._crlf = bytearray(2)  # where each bulk value's CRLF lands
+        self._crlf_view = memoryview(self._crlf)
 
     def _recv_into(self, view: memoryview) -> int:
         try:
@@ -94,7 +95,7 @@ class _Reader:
             self.readinto(out)
         else:
             self.skip(size)
-        self.readinto(self._crlf)
+        self.readinto(self._crlf_view)
         if self._crlf != b"\r\n":  # the length was wrong, or the stream is out of step
             raise redis.exceptions.InvalidResponse("Redis bulk value not ended by CRLF")
         return size
