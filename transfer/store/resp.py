@@ -95,9 +95,7 @@ class _Reader:
             self.readinto(out)
         else:
             self.skip(size)
-        self.readinto(self._crlf_view)
-        if self._crlf != b"\r\n":  # the length was wrong, or the stream is out of step
-            raise redis.exceptions.InvalidResponse("Redis bulk value not ended by CRLF")
+        self._value_end()
         return size
 
     def bulk(self) -> bytes | None:
@@ -105,9 +103,17 @@ class _Reader:
         head = self.header(b"$_")
         if head in (b"$-1", b"_"):
             return None
-        data = memoryview(bytearray(int(head[1:]) + 2))
-        self.readinto(data)
-        return bytes(data[:-2])
+        data = bytearray(int(head[1:]))
+        self.readinto(memoryview(data))
+        self._value_end()
+        return bytes(data)
+
+    def _value_end(self) -> None:
+        """The CRLF after a bulk value: anything else means its length was wrong, or the
+        stream is out of step, and the value was read from the wrong place."""
+        self.readinto(self._crlf_view)
+        if self._crlf != b"\r\n":
+            raise redis.exceptions.InvalidResponse("Redis bulk value not ended by CRLF")
 
     def array(self) -> int:
         head = self.header(b"*")
