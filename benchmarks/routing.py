@@ -6,7 +6,9 @@ instances on this machine's cores), once per policy (prefill and decode both use
   sharegpt  multi-round conversations (the benchmark harness's workload): the next turn of
             a conversation finds its history on the instance that served the last one
   skewed    document questions where most requests ask about one hot document: KV-aware
-            routing must not pile them all onto one instance
+            routing must not let the hot document overload the instance holding it (its
+            TTFT no worse than round-robin's); it spills once the queue there outlasts
+            computing the document elsewhere
 
 Reported per policy: mean/p50/p99 TTFT, the decoders' prefix hit rate as vLLM counted it
 next to what the gateway's index predicted when routing, the share of prompt tokens

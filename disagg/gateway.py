@@ -60,7 +60,7 @@ from disagg.relay import Relay, describe, engine_session, open_answer, post_json
 from disagg.scheduler import RequestInfo, make_policy
 from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
-from disagg.scheduler.kv_aware import KVAware, hop_seconds
+from disagg.scheduler.kv_aware import KVAware, open_hop, prefills_here
 from disagg.scheduler.kv_index import PrefixIndex
 from disagg.tiers import capacity_blocks, is_store, loadable_by
 from disagg.tp_layout import pairing_problem
@@ -385,13 +385,15 @@ class Gateway:
                      start: float) -> Response:
         body = payload.body
         await self._annotate(path, body, info, inline=payload.size <= INLINE_TOKENIZE_BYTES)
-        decoder = self._pick_decoder(info)
+        decoder, here = self._pick_decoder(info)
         if decoder.info.role == "prefill":  # degraded: no decoder; serve it all there
             decision = Decision(False, "no_decode_instance")
         else:
             prefill = [m.candidate for m in self._pairable(decoder)]
             decision = self.decider.decide(info.uncached_tokens(decoder.info.engine_id),
                                            prefill)
+            if decision.reason == "long_uncached" and here:
+                decision = Decision(False, "hop_slower")
         self._record(info, decoder, decision)
         self._expect(decoder, info)
         kv_params = await self._prefill(path, body, info, decoder) if decision.remote else None
@@ -425,20 +427,22 @@ class Gateway:
         if self.index is not None and info.block_hashes:
             self.index.expect(member.info.engine_id, info.block_hashes)
 
-    def _pick_decoder(self, info: RequestInfo) -> Member:
+    def _pick_decoder(self, info: RequestInfo) -> tuple[Member, bool]:
         """The decode policy's choice, told what a prefill hop would cost where one is open
-        (``RequestInfo.hop_from``/``hop_s``: a kv_aware policy then charges a decoder that
-        would take the hop the hop, not a prefill of its own). The hop fields hold for this
-        choice only: the prefill pick that may follow prices prefills, not hops."""
+        (``RequestInfo.hop``: a kv_aware policy then charges a decoder that would take the
+        hop the hop, not a prefill of its own), and whether that decoder computes a prompt
+        past the hop's threshold itself because the hop would be slower (kv_aware only).
+        The hop holds for this choice only: the prefill pick that may follow prices
+        prefills, not hops."""
         prefill = [m.candidate for m in self.pool.available("prefill")]
-        open_hop = [c for c in prefill if queue_depth(c) < self.decider.max_prefill_queue]
-        if isinstance(self.decode_policy, KVAware) and open_hop and info.prompt_tokens:
-            info.hop_s = hop_seconds(open_hop, info)
-            info.hop_from = self.decider.min_uncached_tokens
+        open_prefill = [c for c in prefill if queue_depth(c) < self.decider.max_prefill_queue]
+        if isinstance(self.decode_policy, KVAware) and open_prefill and info.prompt_tokens:
+            info.hop = open_hop(open_prefill, info, self.decider.min_uncached_tokens)
         try:
-            return self._pick("decode", info)
+            member = self._pick("decode", info)
+            return member, info.hop is not None and prefills_here(member.candidate, info)
         finally:
-            info.hop_from, info.hop_s = None, 0.0
+            info.hop = None
 
     def _pick(self, role: str, info: RequestInfo,
               exclude: frozenset[str] | set[str] = frozenset()) -> Member:

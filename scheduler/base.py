@@ -37,6 +37,21 @@ class Candidate:
     step_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """A prefill hop open to the decoder being chosen. A decoder that would compute at least
+    ``from_tokens`` of the prompt itself gets them computed by a prefill instance instead,
+    in about ``seconds`` (the best prefill instance's queue, then its part of the prompt,
+    ``uncached`` tokens), unless computing them itself comes sooner without computing more
+    (``scheduler.kv_aware.prefills_here``). ``rate``: the prefill pool's tokens per second,
+    assumed for a decoder whose own rate is not measured yet (same model and hardware)."""
+
+    from_tokens: int
+    seconds: float
+    uncached: int
+    rate: float
+
+
 @dataclass(slots=True)
 class RequestInfo:
     """A request as a policy sees it. Token fields stay empty when the gateway could not
@@ -54,11 +69,8 @@ class RequestInfo:
     # Set by the gateway once a prefill instance computed the prompt for the decoder.
     prefilled: bool = False
     # Set by the gateway before it picks a decoder, when a prefill hop is open (some prefill
-    # instance below the decider's queue limit): a decoder leaving at least ``hop_from``
-    # tokens uncached gets them computed by a prefill instance, in about ``hop_s`` seconds
-    # (the best prefill instance's queue and its own uncached part), not by itself.
-    hop_from: int | None = None
-    hop_s: float = 0.0
+    # instance below the decider's queue limit); None otherwise.
+    hop: Hop | None = None
 
     def local_tokens(self, engine_id: str) -> int:
         """Prompt tokens ``engine_id`` computes for this request (0 when unknown, or for a

@@ -25,9 +25,11 @@ class Decision:
 
 
 REASONS = ("no_prefill_instance", "short_uncached", "prefill_saturated", "long_uncached",
-           "unknown_length", "always_remote", "no_decode_instance")
+           "unknown_length", "always_remote", "no_decode_instance", "hop_slower")
 # no_decode_instance: every decoder is down, so a prefill instance (a whole vLLM) serves the
-# request end to end; the gateway decides that, not PrefillDecider.
+# request end to end; hop_slower: a kv_aware decoder holding the prompt's prefix computes
+# the rest sooner than the queued prefill instances would
+# (``scheduler.kv_aware.prefills_here``). The gateway decides those, not PrefillDecider.
 
 
 class PrefillDecider:

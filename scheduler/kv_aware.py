@@ -2,7 +2,7 @@
 
     cost(c) = (pending_tokens(c) + computed_here(c)) / prefill_rate(c)
               + store_tokens(c) / load_rate(c)
-              + hop_s (when a prefill instance computes the prompt for c)
+              + hop.seconds (when a prefill instance computes the prompt for c)
               + decoding(c) * step_s(c)
 
 ``uncached_tokens`` is the prompt minus the prefix ``c`` already holds (the gateway's prefix
@@ -16,14 +16,23 @@ stop a popular prefix from piling every request onto one instance: once the wait
 outlasts recomputing the prefix elsewhere, the next instance takes it (and then holds that
 prefix too).
 
-Choosing a decoder, the gateway says when a prefill hop is open (``RequestInfo.hop_from``,
-``hop_s``): a decoder that leaves at least ``hop_from`` tokens uncached gets the prompt from
-a prefill instance, so it computes none of it (``computed_here`` is 0) and the request pays
-the hop instead; what the decoder lacks then arrives by a KV pull, at memory speed
-(``benchmarks/transfer.py``), which no term counts. Its prefix cache then still decides
-between a cheap local prefill and a hop, but no longer pins every conversation to the
-decoder that served its last turn: among decoders that would all take the hop, the decode
-queue decides, and decodes spread.
+Choosing a decoder, the gateway says when a prefill hop is open (``RequestInfo.hop``): a
+decoder that leaves at least ``hop.from_tokens`` tokens uncached gets the prompt from a
+prefill instance, so it computes none of it and the request pays the hop instead
+(``hop.seconds``: the best prefill instance's queue and its part of the prompt); what the
+decoder lacks then arrives by a KV pull, at memory speed (``benchmarks/transfer.py``), which
+no term counts. Its prefix cache then still decides between a cheap local prefill and a hop,
+but no longer pins every conversation to the decoder that served its last turn: among
+decoders that would all take the hop, the decode queue decides, and decodes spread.
+
+One exception (``prefills_here``): a decoder that holds as much of the prompt as the best
+prefill instance (the conversation's last turn was served there) computes even a long rest
+itself when the hop is slower than that, counting the stall of its running decodes (each
+waits as long as the prefill runs): the prefill instances are queued, or slower (on a
+2-core host the two prefill instances share one core, the decoders the other). The gateway
+records the decision as ``hop_slower``. This trades the stall for the hop: ITL p99 rises
+where it fires (``benchmarks/RESULTS.md``, routing); ``min_remote_prefill_tokens: 0`` sends
+every prompt through a prefill instance instead.
 
 The rates and the step time are learned online from each instance's own counters
 (``disagg.pool`` feeds ``scheduler.rates.RateMeter``s), so the trade-off holds on a fast
@@ -41,7 +50,7 @@ import itertools
 import statistics
 from collections.abc import Sequence
 
-from disagg.scheduler.base import Candidate, Policy, RequestInfo
+from disagg.scheduler.base import Candidate, Hop, Policy, RequestInfo
 from disagg.scheduler.decider import queue_depth
 
 # Before any load is measured: a store load assumed this many times faster than computing
@@ -64,7 +73,7 @@ class KVAware(Policy):
         ordered = [*candidates[k:], *candidates[:k]]
         if request.prompt_tokens is None:
             return min(ordered, key=queue_depth)
-        prior = priors(candidates)
+        prior = priors(candidates, request.hop.rate if request.hop else None)
         return min(ordered, key=lambda c: first_token_seconds(c, request, prior))
 
 
@@ -75,26 +84,49 @@ def first_token_seconds(c: Candidate, request: RequestInfo,
     uncached = request.uncached_tokens(c.engine_id) or 0
     stored = request.store_tokens.get(c.engine_id, 0)
     prefill, load, step = prior
-    hop = request.hop_from is not None and uncached >= request.hop_from
-    here = 0 if hop else uncached
-    return ((c.pending_tokens + here) / (c.prefill_rate or prefill)
-            + stored / (c.load_rate or load) + (request.hop_s if hop else 0.0)
+    rate = c.prefill_rate or prefill
+    compute = uncached / rate if request.hop is None or prefills_here(c, request) \
+        else request.hop.seconds
+    return (c.pending_tokens / rate + compute + stored / (c.load_rate or load)
             + c.decoding * (c.step_s or step))
 
 
-def priors(candidates: Sequence[Candidate]) -> tuple[float, float, float]:
+def prefills_here(c: Candidate, request: RequestInfo) -> bool:
+    """Does decoder ``c`` compute ``request``'s prompt itself rather than take the open hop
+    (``request.hop``)? Always below the hop's threshold. Above it only when ``c`` holds as
+    much of the prompt as the prefill instance would (no history computed twice) and the
+    hop is slower than computing it here even counting the stall: each of the ``c.decoding``
+    requests generating on ``c`` waits as long as the prefill runs, so a busy decoder takes
+    a prompt only when the hop is far slower (the prefill instances queued, or slower than
+    the decoder: fewer or busier cores). Between an idle decoder and an idle prefill pool
+    the learned rates decide; a tie goes to the hop."""
+    hop = request.hop
+    if hop is None:
+        return True
+    uncached = request.uncached_tokens(c.engine_id) or 0
+    if uncached < hop.from_tokens:
+        return True
+    here_s = uncached / (c.prefill_rate or hop.rate)
+    return uncached <= hop.uncached and here_s * (1 + c.decoding) < hop.seconds
+
+
+def priors(candidates: Sequence[Candidate],
+           rate: float | None = None) -> tuple[float, float, float]:
     """(prefill rate, load rate, step seconds) assumed for an instance not measured yet:
-    the median of the measured ones; before any, costs in tokens (rate 1)."""
+    the median of the measured ones; before any, ``rate`` (another pool's, same model and
+    hardware) or costs in tokens (rate 1)."""
     prefill = [c.prefill_rate for c in candidates if c.prefill_rate]
     load = [c.load_rate for c in candidates if c.load_rate]
     steps = [c.step_s for c in candidates if c.step_s]
-    p = statistics.median(prefill) if prefill else 1.0
+    p = statistics.median(prefill) if prefill else rate or 1.0
     return (p, statistics.median(load) if load else p * PRIOR_LOAD_SPEEDUP,
             statistics.median(steps) if steps else PRIOR_STEP_TOKENS / p)
 
 
-def hop_seconds(prefill: Sequence[Candidate], request: RequestInfo) -> float:
-    """Seconds until a prefill hop would have computed ``request``'s prompt on the best of
-    ``prefill`` (its queue, and the part of the prompt it does not hold)."""
+def open_hop(prefill: Sequence[Candidate], request: RequestInfo, from_tokens: int) -> Hop:
+    """The hop ``prefill`` offers ``request``: when the best of them (its queue, and the
+    part of the prompt it does not hold) would have computed the prompt."""
     prior = priors(prefill)
-    return min(first_token_seconds(c, request, prior) for c in prefill)
+    best = min(prefill, key=lambda c: first_token_seconds(c, request, prior))
+    return Hop(from_tokens=from_tokens, seconds=first_token_seconds(best, request, prior),
+               uncached=max(0, request.uncached_tokens(best.engine_id) or 0), rate=prior[0])

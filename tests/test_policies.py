@@ -7,7 +7,8 @@ from pydantic import ValidationError
 
 from disagg.launch.topology import TopologyError, parse_topology
 from disagg.scheduler import Candidate, RequestInfo, make_policy, policy_names
-from disagg.scheduler.kv_aware import KVAware, first_token_seconds
+from disagg.scheduler.base import Hop
+from disagg.scheduler.kv_aware import KVAware, first_token_seconds, open_hop, prefills_here
 
 
 def _cands(n):
@@ -170,7 +171,8 @@ def test_kv_aware_decoders_that_all_take_the_hop_split_by_decode_queue():
     cands[0].decoding = 3
     info = RequestInfo("r", prompt_tokens=3000, cached_tokens={"e0": 2000})
     assert kv.choose(cands, info).engine_id == "e0"  # no hop open: 1000 tokens < 3000
-    info.hop_from, info.hop_s = 256, 0.6  # both leave >= 256 tokens: both take the hop
+    # Both leave >= 256 tokens; the prefill instance holds more than either: both hop.
+    info.hop = Hop(from_tokens=256, seconds=0.6, uncached=500, rate=2000.0)
     picks = Counter(kv.choose(cands, info).engine_id for _ in range(4))
     assert picks == {"e1": 4}
 
@@ -181,17 +183,61 @@ def test_kv_aware_weighs_a_short_local_prefill_against_the_hop():
     kv, cands = make_policy("kv_aware"), _cands(2)
     for c in cands:
         c.prefill_rate, c.step_s = 2000.0, 0.05
-    info = RequestInfo("r", prompt_tokens=3000, cached_tokens={"e0": 2900}, hop_from=256,
-                       hop_s=0.4)
+    info = RequestInfo("r", prompt_tokens=3000, cached_tokens={"e0": 2900},
+                       hop=Hop(from_tokens=256, seconds=0.4, uncached=3000, rate=2000.0))
     assert kv.choose(cands, info).engine_id == "e0"  # 100 tokens: 0.05 s < 0.4 s hop
     cands[0].decoding = 10  # 0.05 + 0.5 s > 0.4 s hop
     assert kv.choose(cands, info).engine_id == "e1"
 
 
-def test_hop_seconds_is_the_best_prefill_instance():
-    from disagg.scheduler.kv_aware import hop_seconds
-
+def test_open_hop_is_the_best_prefill_instance():
     prefill = [Candidate("p0", "u", prefill_rate=1000.0, pending_tokens=2000),
                Candidate("p1", "u", prefill_rate=1000.0)]
     info = RequestInfo("r", prompt_tokens=1000, cached_tokens={"p0": 1000})
-    assert hop_seconds(prefill, info) == pytest.approx(1.0)  # p1: 1000 / 1000; p0: 2000 / 1000
+    hop = open_hop(prefill, info, 256)  # p1: 1000 / 1000; p0: 2000 / 1000
+    assert (hop.seconds, hop.uncached, hop.rate, hop.from_tokens) == \
+        (pytest.approx(1.0), 1000, 1000.0, 256)
+    prefill[1].pending_tokens = 500  # p1: 0.5 s queued, then 1 s; p0 still 2 s
+    assert open_hop(prefill, info, 256).seconds == pytest.approx(1.5)
+
+
+def test_a_decoder_holding_the_prefix_prefills_when_the_hop_is_slower():
+    """Past the hop's threshold a decoder computes the prompt itself only when it holds as
+    much of it as the prefill instance would (never history twice) and finishes sooner,
+    its running decodes' stall counted."""
+    d = Candidate("d0", "u", prefill_rate=1000.0)
+    info = RequestInfo("r", prompt_tokens=1300, cached_tokens={"d0": 1000})  # 300 to compute
+
+    def hop(seconds, uncached=300, from_tokens=256, rate=1000.0):
+        return Hop(from_tokens=from_tokens, seconds=seconds, uncached=uncached, rate=rate)
+
+    info.hop = hop(1.2)  # the prefill instance queued: 0.3 s here against 1.2 s
+    assert prefills_here(d, info)
+    d.decoding = 3  # 0.3 s here stalls 3 decodes 0.3 s each: 1.2 s, not sooner
+    assert not prefills_here(d, info)
+    d.decoding = 0
+    info.hop = hop(0.3)  # both idle and as fast: a tie goes to the hop
+    assert not prefills_here(d, info)
+    info.hop = hop(5.0, uncached=200)  # the prefill instance holds more: no recompute here
+    assert not prefills_here(d, info)
+    info.hop = hop(0.1, uncached=0, from_tokens=512)  # under the threshold
+    assert prefills_here(d, info)
+    # Not measured yet: the prefill pool's rate stands in (same model, same hardware).
+    d.prefill_rate = None
+    info.hop = hop(1.2, rate=200.0)  # 1.5 s here
+    assert not prefills_here(d, info)
+    info.hop = None
+    assert prefills_here(d, info)  # no hop open: nothing else computes it
+
+
+def test_kv_aware_sends_the_next_turn_to_the_decoder_holding_it_when_prefill_is_queued():
+    kv, cands = make_policy("kv_aware"), _cands(2)
+    for c in cands:
+        c.prefill_rate, c.step_s = 1000.0, 0.05
+    info = RequestInfo("r", prompt_tokens=1300, cached_tokens={"e1": 1000},
+                       hop=Hop(from_tokens=256, seconds=1.2, uncached=300, rate=1000.0))
+    assert kv.choose(cands, info).engine_id == "e1"  # 0.3 s here against a 1.2 s hop
+    assert first_token_seconds(cands[1], info, (1000.0, 1e4, 0.05)) == pytest.approx(0.3)
+    assert first_token_seconds(cands[0], info, (1000.0, 1e4, 0.05)) == pytest.approx(1.2)
+
+
