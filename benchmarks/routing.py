@@ -15,7 +15,8 @@ next to what the gateway's index predicted when routing, the share of prompt tok
 computed anywhere, the prefill-hop decisions, and the busiest/least busy decoder's share.
 
     .venv/bin/python -m benchmarks.routing [--users 8] [--rounds 6] [--load 0.85 | --qps 0.12 |
-        --closed-loop] [--concurrency 4] [--scenarios sharegpt,skewed] [--section routing]
+        --closed-loop] [--concurrency 4] [--scenarios sharegpt,skewed] [--hop-slower]
+        [--section routing]
 
 By default it first measures capacity: each deployment serves other users' conversations
 closed loop (``--concurrency`` in flight; round-robin's throughput is the capacity), then
@@ -47,13 +48,14 @@ from disagg.scrape import Series, series, total
 POLICIES = ("round_robin", "kv_aware")
 
 
-def topology(model: str, policy: str) -> dict:
+def topology(model: str, policy: str, hop_slower: bool = False) -> dict:
     quarter = {"replicas": 2, "resources": {"num_cpus": 0.5}}
     return {"model": model,
             "engine": {"dtype": "bfloat16", "max_model_len": 8192, "kv_cache_gib": 1,
                        "enforce_eager": True},
             "prefill": quarter, "decode": quarter,
-            "scheduler": {"prefill_policy": policy, "decode_policy": policy}}
+            "scheduler": {"prefill_policy": policy, "decode_policy": policy,
+                          "local_prefill_when_hop_slower": hop_slower}}
 
 
 def instance_urls(url: str) -> dict[str, str]:
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, dict]], dict[str,
     capacity: dict[str, float] = {}
     qps = args.qps
     for policy in POLICIES:
-        with launch(topology(args.model, policy)) as dep:
+        with launch(topology(args.model, policy, args.hop_slower)) as dep:
             if not args.closed_loop:
                 # Both deployments run the calibration (same warm-up for both); round-robin
                 # goes first and its closed-loop throughput sets the open-loop rate.
@@ -188,6 +190,9 @@ def main() -> None:
                     help="offer --concurrency in flight instead of open-loop Poisson arrivals")
     ap.add_argument("--scenarios", type=lambda v: v.split(","), default=["sharegpt", "skewed"],
                     help="comma-separated: sharegpt, skewed")
+    ap.add_argument("--hop-slower", action="store_true",
+                    help="scheduler.local_prefill_when_hop_slower on (kv_aware: decoders "
+                    "holding a conversation prefill it when the hop is slower)")
     ap.add_argument("--section", default="routing", help="RESULTS.md section to write")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = ap.parse_args()
@@ -208,7 +213,8 @@ def main() -> None:
             f"{offered}, sharegpt up to {args.rounds} rounds per user\n\n" + measured +
             "Both policies in the same run, each on a fresh deployment (prefill and decode "
             "chosen by the policy named; conditional disaggregation at its default "
-            "threshold). Decoder prefix hit: prompt tokens the decoders found in their own "
+            "threshold" + ("; local_prefill_when_hop_slower on" if args.hop_slower else "")
+            + "). Decoder prefix hit: prompt tokens the decoders found in their own "
             "prefix cache (vLLM's counters); predicted: what the gateway's index expected "
             "when routing; prompt computed: tokens prefilled anywhere (prefill and decode "
             "instances, less local and connector hits) over prompt tokens.\n\n"

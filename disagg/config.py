@@ -230,9 +230,14 @@ class SchedulerConfig(_Strict):
     min_remote_prefill_tokens: Annotated[int, Field(ge=0)] = Field(
         256, description="Conditional disaggregation: a request whose prompt the chosen "
         "decoder lacks fewer than this many tokens of is prefilled on the decoder itself "
-        "(no prefill hop). Past it, kv_aware still keeps a prompt on a decoder holding as "
-        "much of it as any prefill instance when the queued hop would be slower "
-        "(reason hop_slower). 0 sends every request through a prefill instance.",
+        "(no prefill hop). 0 sends every request through a prefill instance.",
+    )
+    local_prefill_when_hop_slower: bool = Field(
+        False, description="kv_aware only: a decoder holding as much of a long prompt as "
+        "any prefill instance computes the rest itself when that comes sooner than the "
+        "prefill hop, its running decodes' stall counted (reason hop_slower). Lowers TTFT "
+        "when the prefill pool is queued or slower; every such prefill stalls that decoder's "
+        "streams for its length (ITL), which disaggregation otherwise prevents.",
     )
     max_prefill_queue: Annotated[int, Field(ge=1)] = Field(
         8, description="When every prefill instance has this many requests queued or "

@@ -145,6 +145,7 @@ class Gateway:
                                          scheduler.policy_options.get(scheduler.decode_policy))
         self.decider = PrefillDecider(scheduler.min_remote_prefill_tokens,
                                       scheduler.max_prefill_queue)
+        self._local_when_slower = scheduler.local_prefill_when_hop_slower
         self.hasher = hasher if hasher is not None else RequestHasher(model.path)
         self._store = store if store.enabled else None
         self.index = PrefixIndex(scheduler.index_max_blocks, capacity_of=self._store_capacity) \
@@ -431,13 +432,15 @@ class Gateway:
         """The decode policy's choice, told what a prefill hop would cost where one is open
         (``RequestInfo.hop``: a kv_aware policy then charges a decoder that would take the
         hop the hop, not a prefill of its own), and whether that decoder computes a prompt
-        past the hop's threshold itself because the hop would be slower (kv_aware only).
+        past the hop's threshold itself because the hop would be slower (kv_aware with
+        ``scheduler.local_prefill_when_hop_slower`` only).
         The hop holds for this choice only: the prefill pick that may follow prices
         prefills, not hops."""
         prefill = [m.candidate for m in self.pool.available("prefill")]
         open_prefill = [c for c in prefill if queue_depth(c) < self.decider.max_prefill_queue]
         if isinstance(self.decode_policy, KVAware) and open_prefill and info.prompt_tokens:
-            info.hop = open_hop(open_prefill, info, self.decider.min_uncached_tokens)
+            info.hop = open_hop(open_prefill, info, self.decider.min_uncached_tokens,
+                                local_when_slower=self._local_when_slower)
         try:
             member = self._pick("decode", info)
             return member, info.hop is not None and prefills_here(member.candidate, info)

@@ -42,14 +42,16 @@ class Hop:
     """A prefill hop open to the decoder being chosen. A decoder that would compute at least
     ``from_tokens`` of the prompt itself gets them computed by a prefill instance instead,
     in about ``seconds`` (the best prefill instance's queue, then its part of the prompt,
-    ``uncached`` tokens), unless computing them itself comes sooner without computing more
-    (``scheduler.kv_aware.prefills_here``). ``rate``: the prefill pool's tokens per second,
-    assumed for a decoder whose own rate is not measured yet (same model and hardware)."""
+    ``uncached`` tokens); with ``local_when_slower``, not when computing them itself comes
+    sooner without computing more (``scheduler.kv_aware.prefills_here``). ``rate``: the
+    prefill pool's tokens per second, assumed for a decoder whose own rate is not measured
+    yet (same model and hardware)."""
 
     from_tokens: int
     seconds: float
     uncached: int
     rate: float
+    local_when_slower: bool = False
 
 
 @dataclass(slots=True)

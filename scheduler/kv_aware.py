@@ -25,14 +25,15 @@ no term counts. Its prefix cache then still decides between a cheap local prefil
 but no longer pins every conversation to the decoder that served its last turn: among
 decoders that would all take the hop, the decode queue decides, and decodes spread.
 
-One exception (``prefills_here``): a decoder that holds as much of the prompt as the best
+One exception, where the deployment allows it (``scheduler.local_prefill_when_hop_slower``,
+off by default; ``prefills_here``): a decoder that holds as much of the prompt as the best
 prefill instance (the conversation's last turn was served there) computes even a long rest
 itself when the hop is slower than that, counting the stall of its running decodes (each
 waits as long as the prefill runs): the prefill instances are queued, or slower (on a
 2-core host the two prefill instances share one core, the decoders the other). The gateway
 records the decision as ``hop_slower``. This trades the stall for the hop: ITL p99 rises
-where it fires (``benchmarks/RESULTS.md``, routing); ``min_remote_prefill_tokens: 0`` sends
-every prompt through a prefill instance instead.
+where it fires (``benchmarks/RESULTS.md``, routing: 5-7x on a 2-core host), which is why it
+is the deployment's choice.
 
 The rates and the step time are learned online from each instance's own counters
 (``disagg.pool`` feeds ``scheduler.rates.RateMeter``s), so the trade-off holds on a fast
@@ -93,7 +94,8 @@ def first_token_seconds(c: Candidate, request: RequestInfo,
 
 def prefills_here(c: Candidate, request: RequestInfo) -> bool:
     """Does decoder ``c`` compute ``request``'s prompt itself rather than take the open hop
-    (``request.hop``)? Always below the hop's threshold. Above it only when ``c`` holds as
+    (``request.hop``)? Always below the hop's threshold. Above it only where the deployment
+    allows it (``hop.local_when_slower``), and only when ``c`` holds as
     much of the prompt as the prefill instance would (no history computed twice) and the
     hop is slower than computing it here even counting the stall: each of the ``c.decoding``
     requests generating on ``c`` waits as long as the prefill runs, so a busy decoder takes
@@ -106,6 +108,8 @@ def prefills_here(c: Candidate, request: RequestInfo) -> bool:
     uncached = request.uncached_tokens(c.engine_id) or 0
     if uncached < hop.from_tokens:
         return True
+    if not hop.local_when_slower:
+        return False
     here_s = uncached / (c.prefill_rate or hop.rate)
     return uncached <= hop.uncached and here_s * (1 + c.decoding) < hop.seconds
 
@@ -123,10 +127,12 @@ def priors(candidates: Sequence[Candidate],
             statistics.median(steps) if steps else PRIOR_STEP_TOKENS / p)
 
 
-def open_hop(prefill: Sequence[Candidate], request: RequestInfo, from_tokens: int) -> Hop:
+def open_hop(prefill: Sequence[Candidate], request: RequestInfo, from_tokens: int,
+             local_when_slower: bool = False) -> Hop:
     """The hop ``prefill`` offers ``request``: when the best of them (its queue, and the
     part of the prompt it does not hold) would have computed the prompt."""
     prior = priors(prefill)
     best = min(prefill, key=lambda c: first_token_seconds(c, request, prior))
     return Hop(from_tokens=from_tokens, seconds=first_token_seconds(best, request, prior),
-               uncached=max(0, request.uncached_tokens(best.engine_id) or 0), rate=prior[0])
+               uncached=max(0, request.uncached_tokens(best.engine_id) or 0), rate=prior[0],
+               local_when_slower=local_when_slower)

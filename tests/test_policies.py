@@ -208,11 +208,15 @@ def test_a_decoder_holding_the_prefix_prefills_when_the_hop_is_slower():
     d = Candidate("d0", "u", prefill_rate=1000.0)
     info = RequestInfo("r", prompt_tokens=1300, cached_tokens={"d0": 1000})  # 300 to compute
 
-    def hop(seconds, uncached=300, from_tokens=256, rate=1000.0):
-        return Hop(from_tokens=from_tokens, seconds=seconds, uncached=uncached, rate=rate)
+    def hop(seconds, uncached=300, from_tokens=256, rate=1000.0, allowed=True):
+        return Hop(from_tokens=from_tokens, seconds=seconds, uncached=uncached, rate=rate,
+                   local_when_slower=allowed)
 
     info.hop = hop(1.2)  # the prefill instance queued: 0.3 s here against 1.2 s
     assert prefills_here(d, info)
+    info.hop = hop(1.2, allowed=False)  # the deployment keeps long prompts on the hop
+    assert not prefills_here(d, info)
+    info.hop = hop(1.2)
     d.decoding = 3  # 0.3 s here stalls 3 decodes 0.3 s each: 1.2 s, not sooner
     assert not prefills_here(d, info)
     d.decoding = 0
@@ -235,7 +239,8 @@ def test_kv_aware_sends_the_next_turn_to_the_decoder_holding_it_when_prefill_is_
     for c in cands:
         c.prefill_rate, c.step_s = 1000.0, 0.05
     info = RequestInfo("r", prompt_tokens=1300, cached_tokens={"e1": 1000},
-                       hop=Hop(from_tokens=256, seconds=1.2, uncached=300, rate=1000.0))
+                       hop=Hop(from_tokens=256, seconds=1.2, uncached=300, rate=1000.0,
+                               local_when_slower=True))
     assert kv.choose(cands, info).engine_id == "e1"  # 0.3 s here against a 1.2 s hop
     assert first_token_seconds(cands[1], info, (1000.0, 1e4, 0.05)) == pytest.approx(0.3)
     assert first_token_seconds(cands[0], info, (1000.0, 1e4, 0.05)) == pytest.approx(1.2)
