@@ -209,7 +209,9 @@ def main() -> None:
                 f"{args.users} other users' conversations (the same calibration run on both "
                 "deployments, also their warm-up): "
                 + ", ".join(f"{p} {c:.3f} req/s" for p, c in capacity.items()) + ".\n\n")
-    body = ("## Routing: kv_aware against round_robin, 2P2D `small` (eager), "
+    body = ("## Routing: kv_aware"
+            + (" (local_prefill_when_hop_slower)" if args.hop_slower else "")
+            + " against round_robin, 2P2D `small` (eager), "
             f"{offered}, sharegpt up to {args.rounds} rounds per user\n\n" + measured +
             "Both policies in the same run, each on a fresh deployment (prefill and decode "
             "chosen by the policy named; conditional disaggregation at its default "
