@@ -95,13 +95,13 @@ def first_token_seconds(c: Candidate, request: RequestInfo,
 def prefills_here(c: Candidate, request: RequestInfo) -> bool:
     """Does decoder ``c`` compute ``request``'s prompt itself rather than take the open hop
     (``request.hop``)? Always below the hop's threshold. Above it only where the deployment
-    allows it (``hop.local_when_slower``), and only when ``c`` holds as
-    much of the prompt as the prefill instance would (no history computed twice) and the
-    hop is slower than computing it here even counting the stall: each of the ``c.decoding``
-    requests generating on ``c`` waits as long as the prefill runs, so a busy decoder takes
-    a prompt only when the hop is far slower (the prefill instances queued, or slower than
-    the decoder: fewer or busier cores). Between an idle decoder and an idle prefill pool
-    the learned rates decide; a tie goes to the hop."""
+    allows it (``hop.local_when_slower``), only when ``c`` holds as much of the prompt as
+    the prefill instance would (no history computed twice), and only when the hop is slower
+    than computing it here even counting the stall: each of the ``c.decoding`` requests
+    generating on ``c`` waits as long as the prefill runs, so a busy decoder takes a prompt
+    only when the hop is far slower (the prefill instances queued, or slower than the
+    decoder: fewer or busier cores). Between an idle decoder and an idle prefill pool the
+    learned rates decide; a tie goes to the hop."""
     hop = request.hop
     if hop is None:
         return True
