@@ -89,8 +89,6 @@ def test_port_retries_are_bounded(spec, monkeypatch):
         squatter.close()
 
 
-
-
 def test_root_cause_skips_vllm_log_prefix_and_picks_the_first_error():
     log = (
         "(APIServer pid=1) WARNING 11-28 [x.py:1] errors like `OSError: [Errno 24]` may occur\n"
