@@ -239,9 +239,24 @@ class SchedulerConfig(_Strict):
         "when the prefill pool is queued or slower; every such prefill stalls that decoder's "
         "streams for its length (ITL), which disaggregation otherwise prevents.",
     )
+    prefill_queue: bool = Field(
+        True, description="Prefill hops beyond prefill_inflight per healthy prefill "
+        "instance wait at the gateway, shortest expected prefill first (aged: a hop waits for "
+        "later, shorter ones at most its own expected time), and are bound to an instance "
+        "when one frees, rather than queueing in arrival order inside an instance. Needs a "
+        "prefill policy that estimates prefill time (kv_aware); others send hops straight "
+        "on.",
+    )
+    prefill_inflight: Annotated[int, Field(ge=1)] = Field(
+        1, description="With prefill_queue: hops each prefill instance runs at once. One "
+        "suits compute-bound prefills (long prompts, CPUs), where a second prompt in flight "
+        "only waits for the first; raise it where a step has room for several prompts "
+        "(short prompts on a GPU).",
+    )
     max_prefill_queue: Annotated[int, Field(ge=1)] = Field(
         8, description="When every prefill instance has this many requests queued or "
-        "running, new requests prefill on their decoder instead of waiting.",
+        "running (the gateway's prefill queue shared among them), new requests prefill on "
+        "their decoder instead of waiting.",
     )
     kv_events: bool = Field(
         True, description="Instances publish vLLM's KV-cache events and the gateway keeps "

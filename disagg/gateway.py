@@ -56,6 +56,7 @@ from disagg.instance import InstanceInfo
 from disagg.kv_feed import KVEventFeed
 from disagg.metrics import GatewayMetrics
 from disagg.pool import InstancePool, Member
+from disagg.prefill_queue import PrefillQueue
 from disagg.relay import Relay, describe, engine_session, open_answer, post_json
 from disagg.scheduler import RequestInfo, make_policy
 from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
@@ -146,6 +147,10 @@ class Gateway:
         self.decider = PrefillDecider(scheduler.min_remote_prefill_tokens,
                                       scheduler.max_prefill_queue)
         self._local_when_slower = scheduler.local_prefill_when_hop_slower
+        per_instance = scheduler.prefill_inflight
+        self.prefill_queue = PrefillQueue(
+            lambda: len(self.pool.available("prefill")) * per_instance,
+            self._prefill_queue_changed) if scheduler.prefill_queue else None
         self.hasher = hasher if hasher is not None else RequestHasher(model.path)
         self._store = store if store.enabled else None
         self.index = PrefixIndex(scheduler.index_max_blocks, capacity_of=self._store_capacity) \
@@ -320,6 +325,10 @@ class Gateway:
         self.metrics.admitted.inc()
         return slot
 
+    def _prefill_queue_changed(self, queue: PrefillQueue) -> None:
+        self.metrics.prefill_waiting.set(queue.waiting)
+        self.metrics.prefill_running.set(queue.running)
+
     def _admission_changed(self, admission: Admission) -> None:
         self.metrics.queue_depth.set(admission.queued)
         self.metrics.in_service.set(admission.inflight)
@@ -391,8 +400,9 @@ class Gateway:
             decision = Decision(False, "no_decode_instance")
         else:
             prefill = [m.candidate for m in self._pairable(decoder)]
-            decision = self.decider.decide(info.uncached_tokens(decoder.info.engine_id),
-                                           prefill)
+            decision = self.decider.decide(
+                info.uncached_tokens(decoder.info.engine_id), prefill,
+                queued=self.prefill_queue.waiting if self.prefill_queue else 0)
             if decision.reason == "long_uncached" and here:
                 decision = Decision(False, "hop_slower")
         self._record(info, decoder, decision)
@@ -520,11 +530,24 @@ class Gateway:
 
     async def _prefill(self, path: str, body: dict, info: RequestInfo,
                        decoder: Member) -> dict | None:
-        """Run the prefill hop on an instance ``decoder`` can pull from; None means the
-        decoder prefills locally."""
+        """Run the prefill hop on an instance ``decoder`` can pull from, through the
+        prefill queue where there is one (``disagg.prefill_queue``); None means the decoder
+        prefills locally."""
         pairable = {m.key for m in self._pairable(decoder)}
         if not pairable:  # went down since the decision
             return None
+        queue = self.prefill_queue
+        expected = None if queue is None else self.prefill_policy.prefill_seconds(
+            [m.candidate for m in self.pool.available("prefill") if m.key in pairable], info)
+        if queue is None or expected is None:
+            return await self._prefill_on(path, body, info, pairable)
+        async with queue.turn(expected):
+            pairable = {m.key for m in self._pairable(decoder)}  # as they are now
+            return await self._prefill_on(path, body, info, pairable) if pairable else None
+
+    async def _prefill_on(self, path: str, body: dict, info: RequestInfo,
+                          pairable: set[str]) -> dict | None:
+        """The hop itself, on the prefill policy's choice among ``pairable``."""
         member = self._pick("prefill", info, exclude={
             m.key for m in self.pool.available("prefill") if m.key not in pairable})
         self._expect(member, info)

@@ -81,6 +81,12 @@ class GatewayMetrics:
                                       "no slot within queue_timeout_s.", registry=r)
         self.queue_depth = Gauge("disagg_queue_depth", "Requests waiting for a slot.",
                                  registry=r)
+        self.prefill_waiting = Gauge(
+            "disagg_prefill_queue_waiting", "Prefill hops waiting in the gateway's prefill "
+            "queue (scheduler.prefill_queue).", registry=r)
+        self.prefill_running = Gauge(
+            "disagg_prefill_queue_running", "Prefill hops the gateway has on prefill "
+            "instances now.", registry=r)
         self.in_service = Gauge("disagg_in_service", "Requests holding a slot (being served).",
                                 registry=r)
         self.instance_up = Gauge("disagg_instance_up", "1 while an instance is healthy.",

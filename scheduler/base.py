@@ -107,3 +107,10 @@ class Policy(ABC):
     @abstractmethod
     def choose(self, candidates: Sequence[Candidate], request: RequestInfo) -> Candidate:
         """Pick one of ``candidates`` (never empty) for ``request``."""
+
+    def prefill_seconds(self, candidates: Sequence[Candidate],
+                        request: RequestInfo) -> float | None:
+        """Seconds the best of ``candidates`` would take to compute ``request``'s prompt,
+        queues aside (the gateway's prefill queue orders hops by it); None: this policy
+        does not estimate it, and its hops are not held in that queue."""
+        return None

@@ -3,7 +3,8 @@
 The rule (llm-d's and Dynamo's, combined): prefill remotely iff the part of the prompt the
 chosen decoder does not already hold (in its own cache, or in a KV store tier it can load
 from) is at least ``min_uncached_tokens`` AND some prefill instance has a queue shorter
-than ``max_prefill_queue``. Otherwise the decoder prefills
+than ``max_prefill_queue`` (hops waiting in the gateway's prefill queue are shared among
+the instances). Otherwise the decoder prefills
 locally: a short or mostly cached prompt costs less to compute in place than a hop, two
 HTTP round trips and a KV pull, and a saturated prefill pool would only add queueing.
 
@@ -39,16 +40,19 @@ class PrefillDecider:
         self.min_uncached_tokens = min_uncached_tokens
         self.max_prefill_queue = max_prefill_queue
 
-    def decide(self, uncached_tokens: int | None, prefill: Sequence[Candidate]) -> Decision:
+    def decide(self, uncached_tokens: int | None, prefill: Sequence[Candidate],
+               queued: int = 0) -> Decision:
         """``uncached_tokens``: prompt tokens the decoder would have to compute (None when
-        the gateway could not tokenize the request); ``prefill``: healthy prefill instances."""
+        the gateway could not tokenize the request); ``prefill``: healthy prefill instances;
+        ``queued``: hops waiting in the gateway's prefill queue (shared among them)."""
         if not prefill:
             return Decision(False, "no_prefill_instance")
         if self.min_uncached_tokens == 0:
             return Decision(True, "always_remote")
         if uncached_tokens is not None and uncached_tokens < self.min_uncached_tokens:
             return Decision(False, "short_uncached")
-        if min(queue_depth(c) for c in prefill) >= self.max_prefill_queue:
+        if min(queue_depth(c) for c in prefill) + queued / len(prefill) \
+                >= self.max_prefill_queue:
             return Decision(False, "prefill_saturated")
         return Decision(True, "long_uncached" if uncached_tokens is not None
                         else "unknown_length")

@@ -35,6 +35,12 @@ records the decision as ``hop_slower``. This trades the stall for the hop: ITL p
 where it fires (``benchmarks/RESULTS.md``, routing: 5-7x on a 2-core host), which is why it
 is the deployment's choice.
 
+The same estimate orders the gateway's prefill queue (``disagg.prefill_queue``,
+``prefill_seconds``): hops wait there while every prefill instance is busy, the one with
+the least uncached prompt (in seconds, at the holder's learned rate) first, and are bound
+to an instance only when one frees, so a follow-up turn whose history a prefill instance
+holds goes ahead of a new conversation's whole prompt.
+
 The rates and the step time are learned online from each instance's own counters
 (``disagg.pool`` feeds ``scheduler.rates.RateMeter``s), so the trade-off holds on a fast
 machine and a slow one alike, with no weight tuned to either. Until an instance has been
@@ -76,6 +82,17 @@ class KVAware(Policy):
             return min(ordered, key=queue_depth)
         prior = priors(candidates, request.hop.rate if request.hop else None)
         return min(ordered, key=lambda c: first_token_seconds(c, request, prior))
+
+
+    def prefill_seconds(self, candidates: Sequence[Candidate],
+                        request: RequestInfo) -> float | None:
+        """The prompt's uncached part on the candidate holding most of it, at that
+        candidate's learned rate (tokens, rate 1, before any is measured)."""
+        if request.prompt_tokens is None or not candidates:
+            return None
+        rate = priors(candidates)[0]
+        return min(max(0, request.uncached_tokens(c.engine_id) or 0) / (c.prefill_rate or rate)
+                   for c in candidates)
 
 
 def first_token_seconds(c: Candidate, request: RequestInfo,

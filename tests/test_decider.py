@@ -23,6 +23,10 @@ def test_saturated_or_missing_prefill_pool_goes_local():
     assert d.decide(2000, []).reason == "no_prefill_instance"
     busy = Candidate("p", "u", inflight=0, running=2, waiting=3)  # other clients' load
     assert d.decide(2000, [busy]).reason == "prefill_saturated"
+    # The gateway's prefill queue holds what the instances would otherwise queue: two
+    # instances running one hop each, 6 waiting at the gateway: 1 + 3 each, saturated.
+    assert d.decide(2000, _prefill(1, 1), queued=5).remote
+    assert d.decide(2000, _prefill(1, 1), queued=6).reason == "prefill_saturated"
 
 
 def test_unknown_length_and_always_remote():

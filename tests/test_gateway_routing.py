@@ -5,10 +5,14 @@ the hop slower, and takes the hop otherwise; without it, long prompts always hop
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.support.fake_engine import EngineBehavior
 from tests.support.gateway_stack import stack
 
 PROMPT = "the quick brown fox " * 20  # ~80 tokens: past the stack's 32-token hop threshold
@@ -41,3 +45,55 @@ def test_kv_aware_keeps_a_prompt_on_the_decoder_only_when_the_hop_is_slower(
         assert len(s.prefill.received) == hops
         sent = s.decode.received[-1]
         assert ("kv_transfer_params" in sent) == bool(hops)
+
+
+def _send_all(s, prompts: list[str]) -> tuple[list[threading.Thread], list[httpx.Response]]:
+    results: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda p=p: results.append(s.post(
+        "/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": 2})))
+        for p in prompts]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("scheduler", "held"), [
+    ({}, True),  # the default: kv_aware, the prefill queue on, one hop per instance
+    ({"prefill_queue": False}, False),  # off: every hop goes straight to the instance
+    ({"prefill_policy": "round_robin"}, False),  # a policy that estimates no prefill time
+])
+def test_prefill_hops_wait_at_the_gateway_and_go_shortest_first(tiny_model: Path,
+                                                                 scheduler, held):
+    """One hop runs on the (held) prefill instance; three more wait in the gateway's queue
+    and reach the instance shortest prompt first once it frees. Every answer is complete."""
+    hold = threading.Event()
+    with stack(tiny_model, prefill=EngineBehavior(role="prefill", hold=hold),
+               scheduler=scheduler) as s:
+        first, first_results = _send_all(s, ["a b c d " * 40])
+        _until(lambda: s.prefill.active == 1)
+        words = {"long": 60, "short": 20, "mid": 30}  # 2 tokens each: all past the 32 of a hop
+        threads, results = _send_all(s, [f"{n} " + "x y " * w for n, w in words.items()])
+        if held:
+            _until(lambda: s.metric("disagg_prefill_queue_waiting") == 3)
+            assert s.prefill.active == 1
+        else:
+            _until(lambda: s.prefill.active == 4)
+        hold.set()
+        for t in [*first, *threads]:
+            t.join(30)
+        assert all(r.status_code == 200 for r in [*first_results, *results])
+        assert len(s.decode.received) == 4
+        assert all("kv_transfer_params" in b for b in s.decode.received)
+        if held:
+            order = [str(b["prompt"]).split()[0] for b in s.prefill.received[1:]]
+            assert order == ["short", "mid", "long"]
+            assert s.prefill.peak == 1
+            assert s.metric("disagg_prefill_queue_waiting") == 0
+            assert s.metric("disagg_prefill_queue_running") == 0

@@ -47,10 +47,13 @@ class Stack:
 def stack(tiny_model: Path, api: ApiConfig | None = None, max_inflight: int | None = None,
           decode: EngineBehavior | None = None,
           more_decoders: Sequence[EngineBehavior] = (),
-          local_when_slower: bool = False) -> Iterator[Stack]:
+          local_when_slower: bool = False, prefill: EngineBehavior | None = None,
+          scheduler: dict[str, Any] | None = None) -> Iterator[Stack]:
     """A fake prefill engine ("prefill-0"), fake decoders ("decode-0", then "decode-1"...
-    from ``more_decoders``) and a gateway over HTTP in front of them."""
-    prefill_b, decode_b = EngineBehavior(role="prefill"), decode or EngineBehavior()
+    from ``more_decoders``) and a gateway over HTTP in front of them; ``scheduler``: more
+    SchedulerConfig fields."""
+    prefill_b = prefill or EngineBehavior(role="prefill")
+    decode_b = decode or EngineBehavior()
     with ExitStack() as engines:
         metrics = GatewayMetrics()
         # A generous poll timeout: on a busy machine a slow poll of a fake would mark it
@@ -62,7 +65,8 @@ def stack(tiny_model: Path, api: ApiConfig | None = None, max_inflight: int | No
             pool.add(f"decode-{i}", engines.enter_context(FakeEngine(behavior)).info(i))
         gateway = Gateway(pool, metrics, ServedModel(MODEL, str(tiny_model), 512, 16, None),
                           SchedulerConfig(kv_events=False, min_remote_prefill_tokens=MIN_REMOTE,
-                                          local_prefill_when_hop_slower=local_when_slower),
+                                          local_prefill_when_hop_slower=local_when_slower,
+                                          **(scheduler or {})),
                           api or ApiConfig(max_body_bytes=MAX_BODY, max_n=MAX_N),
                           StoreConfig(enabled=False), max_inflight=max_inflight)
         with AppServer(gateway.app, lifespan="on") as server, \
