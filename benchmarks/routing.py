@@ -16,7 +16,7 @@ computed anywhere, the prefill-hop decisions, and the busiest/least busy decoder
 
     .venv/bin/python -m benchmarks.routing [--users 8] [--rounds 6] [--load 0.85 | --qps 0.12 |
         --closed-loop] [--concurrency 4] [--scenarios sharegpt,skewed] [--hop-slower]
-        [--section routing]
+        [--no-prefill-queue] [--section routing]
 
 By default it first measures capacity: each deployment serves other users' conversations
 closed loop (``--concurrency`` in flight; round-robin's throughput is the capacity), then
@@ -48,14 +48,16 @@ from disagg.scrape import Series, series, total
 POLICIES = ("round_robin", "kv_aware")
 
 
-def topology(model: str, policy: str, hop_slower: bool = False) -> dict:
+def topology(model: str, policy: str, hop_slower: bool = False,
+             prefill_queue: bool = True) -> dict:
     quarter = {"replicas": 2, "resources": {"num_cpus": 0.5}}
     return {"model": model,
             "engine": {"dtype": "bfloat16", "max_model_len": 8192, "kv_cache_gib": 1,
                        "enforce_eager": True},
             "prefill": quarter, "decode": quarter,
             "scheduler": {"prefill_policy": policy, "decode_policy": policy,
-                          "local_prefill_when_hop_slower": hop_slower}}
+                          "local_prefill_when_hop_slower": hop_slower,
+                          "prefill_queue": prefill_queue}}
 
 
 def instance_urls(url: str) -> dict[str, str]:
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, dict[str, dict]], dict[str,
     capacity: dict[str, float] = {}
     qps = args.qps
     for policy in POLICIES:
-        with launch(topology(args.model, policy, args.hop_slower)) as dep:
+        with launch(topology(args.model, policy, args.hop_slower,
+                             not args.no_prefill_queue)) as dep:
             if not args.closed_loop:
                 # Both deployments run the calibration (same warm-up for both); round-robin
                 # goes first and its closed-loop throughput sets the open-loop rate.
@@ -193,6 +196,9 @@ def main() -> None:
     ap.add_argument("--hop-slower", action="store_true",
                     help="scheduler.local_prefill_when_hop_slower on (kv_aware: decoders "
                     "holding a conversation prefill it when the hop is slower)")
+    ap.add_argument("--no-prefill-queue", action="store_true",
+                    help="scheduler.prefill_queue off: hops go straight to the prefill "
+                    "instances (kv_aware otherwise holds them, shortest expected first)")
     ap.add_argument("--section", default="routing", help="RESULTS.md section to write")
     ap.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     args = ap.parse_args()
@@ -211,11 +217,16 @@ def main() -> None:
                 + ", ".join(f"{p} {c:.3f} req/s" for p, c in capacity.items()) + ".\n\n")
     body = ("## Routing: kv_aware"
             + (" (local_prefill_when_hop_slower)" if args.hop_slower else "")
+            + (" (prefill_queue off)" if args.no_prefill_queue else "")
             + " against round_robin, 2P2D `small` (eager), "
             f"{offered}, sharegpt up to {args.rounds} rounds per user\n\n" + measured +
             "Both policies in the same run, each on a fresh deployment (prefill and decode "
             "chosen by the policy named; conditional disaggregation at its default "
             "threshold" + ("; local_prefill_when_hop_slower on" if args.hop_slower else "")
+            + ("; the gateway's prefill queue off" if args.no_prefill_queue else
+               "; the gateway's prefill queue on: kv_aware holds hops beyond one per prefill "
+               "instance, shortest expected prefill first, round_robin estimates none and "
+               "sends them straight on")
             + "). Decoder prefix hit: prompt tokens the decoders found in their own "
             "prefix cache (vLLM's counters); predicted: what the gateway's index expected "
             "when routing; prompt computed: tokens prefilled anywhere (prefill and decode "

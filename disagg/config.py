@@ -248,10 +248,11 @@ class SchedulerConfig(_Strict):
         "on.",
     )
     prefill_inflight: Annotated[int, Field(ge=1)] = Field(
-        1, description="With prefill_queue: hops each prefill instance runs at once. One "
-        "suits compute-bound prefills (long prompts, CPUs), where a second prompt in flight "
-        "only waits for the first; raise it where a step has room for several prompts "
-        "(short prompts on a GPU).",
+        1, description="With prefill_queue: hops each prefill instance runs at once "
+        "(instances pinned to the same CPU cores count as one). One suits compute-bound "
+        "prefills (long prompts, CPUs), where a second prompt in flight only waits for the "
+        "first; raise it where a step has room for several prompts (short prompts on a "
+        "GPU).",
     )
     max_prefill_queue: Annotated[int, Field(ge=1)] = Field(
         8, description="When every prefill instance has this many requests queued or "

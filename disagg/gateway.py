@@ -58,7 +58,7 @@ from disagg.metrics import GatewayMetrics
 from disagg.pool import InstancePool, Member
 from disagg.prefill_queue import PrefillQueue
 from disagg.relay import Relay, describe, engine_session, open_answer, post_json
-from disagg.scheduler import RequestInfo, make_policy
+from disagg.scheduler import Candidate, RequestInfo, make_policy
 from disagg.scheduler.decider import Decision, PrefillDecider, queue_depth
 from disagg.scheduler.hashing import RequestHasher, external_block_hashes
 from disagg.scheduler.kv_aware import KVAware, open_hop, prefills_here
@@ -147,10 +147,9 @@ class Gateway:
         self.decider = PrefillDecider(scheduler.min_remote_prefill_tokens,
                                       scheduler.max_prefill_queue)
         self._local_when_slower = scheduler.local_prefill_when_hop_slower
-        per_instance = scheduler.prefill_inflight
-        self.prefill_queue = PrefillQueue(
-            lambda: len(self.pool.available("prefill")) * per_instance,
-            self._prefill_queue_changed) if scheduler.prefill_queue else None
+        self._per_unit, self._workers = scheduler.prefill_inflight, max(1, api.workers)
+        self.prefill_queue = PrefillQueue(self._prefill_places, self._prefill_queue_changed) \
+            if scheduler.prefill_queue else None
         self.hasher = hasher if hasher is not None else RequestHasher(model.path)
         self._store = store if store.enabled else None
         self.index = PrefixIndex(scheduler.index_max_blocks, capacity_of=self._store_capacity) \
@@ -325,6 +324,16 @@ class Gateway:
         self.metrics.admitted.inc()
         return slot
 
+    def _prefill_places(self) -> int:
+        """Hops this gateway process runs on the prefill pool at once:
+        ``scheduler.prefill_inflight`` per compute unit, shared among the gateway's
+        workers (each keeps its own queue). Instances pinned to the same cores of one host
+        are one unit: a second hop there would only time-share those cores with the first
+        (on a 2-core host the prefill instances share one core)."""
+        units = {(urlsplit(m.info.url).hostname, *m.info.cpu_cores) if m.info.cpu_cores
+                 else m.key for m in self.pool.available("prefill")}
+        return -(-len(units) * self._per_unit // self._workers)
+
     def _prefill_queue_changed(self, queue: PrefillQueue) -> None:
         self.metrics.prefill_waiting.set(queue.waiting)
         self.metrics.prefill_running.set(queue.running)
@@ -450,12 +459,21 @@ class Gateway:
         open_prefill = [c for c in prefill if queue_depth(c) < self.decider.max_prefill_queue]
         if isinstance(self.decode_policy, KVAware) and open_prefill and info.prompt_tokens:
             info.hop = open_hop(open_prefill, info, self.decider.min_uncached_tokens,
-                                local_when_slower=self._local_when_slower)
+                                local_when_slower=self._local_when_slower,
+                                queued_s=self._queued_s(open_prefill, info))
         try:
             member = self._pick("decode", info)
             return member, info.hop is not None and prefills_here(member.candidate, info)
         finally:
             info.hop = None
+
+    def _queued_s(self, prefill: list[Candidate], info: RequestInfo) -> float:
+        """Seconds a hop for ``info`` would wait in the gateway's prefill queue."""
+        queue = self.prefill_queue
+        if queue is None or not queue.waiting:
+            return 0.0
+        expected = self.prefill_policy.prefill_seconds(prefill, info)
+        return 0.0 if expected is None else queue.ahead_s(expected)
 
     def _pick(self, role: str, info: RequestInfo,
               exclude: frozenset[str] | set[str] = frozenset()) -> Member:

@@ -78,6 +78,8 @@ class InstanceInfo(BaseModel):
     tensor_parallel_size: int = 1
     num_kv_heads: int = 0  # the model's KV heads (0: unknown); with the TP size, which
     # prefill instances a decoder can pull from (``tp_layout.pairing_problem``)
+    cpu_cores: list[int] = Field(default_factory=list)  # pinned (CPU builds; [] otherwise):
+    # instances pinned to the same cores of one host share their compute
 
 
 class InstanceLoad(BaseModel):
@@ -288,12 +290,16 @@ class VLLMProcess:
                 "replay_endpoint": f"tcp://{self.bind_host}:{self.replay_port}"})]
         return cmd + list(e.extra_args)
 
+    def pinned_cores(self) -> list[int]:
+        """The cores the engine is pinned to (CPU builds; [] when not pinned). Planned on
+        the launcher's machine; this node may have fewer cores."""
+        return sorted({c % (os.cpu_count() or 1) for c in self.spec.cpu_cores})
+
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(self.spec.engine.kv_cache_gib)
-        if self.spec.cpu_cores:
-            # Planned on the launcher's machine; this node may have fewer cores.
-            cores = sorted({c % (os.cpu_count() or 1) for c in self.spec.cpu_cores})
+        cores = self.pinned_cores()
+        if cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind(
                 rank_cores(cores, self.spec.tensor_parallel_size))
             env["DISAGG_CPU_AFFINITY"] = ",".join(map(str, cores))  # the whole engine's
@@ -398,7 +404,7 @@ class VLLMProcess:
             else None,
             kv_replay_endpoint=f"tcp://{self.host}:{self.replay_port}" if self.replay_port
             else None,
-            restarts=self.restarts,
+            restarts=self.restarts, cpu_cores=self.pinned_cores(),
         )
 
     def exit_code(self) -> int | None:

@@ -37,7 +37,8 @@ class PrefillQueue:
     def __init__(self, capacity: Callable[[], int],
                  on_change: Callable[[PrefillQueue], None] | None = None):
         self._capacity = capacity
-        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        # (arrival + expected seconds, arrival order, waiter, expected seconds)
+        self._heap: list[tuple[float, int, asyncio.Future[None], float]] = []
         self._seq = itertools.count()  # ties in arrival order
         self.running = 0
         self._waiting = 0  # live waiters (the heap may still hold cancelled ones)
@@ -46,6 +47,15 @@ class PrefillQueue:
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    def ahead_s(self, expected_s: float) -> float:
+        """Expected prefill seconds a hop of ``expected_s`` entering now would wait for:
+        those queued ahead of it, spread over the places in flight (0 with none waiting)."""
+        if not self._waiting:
+            return 0.0
+        key = asyncio.get_running_loop().time() + max(0.0, expected_s)
+        ahead = sum(e for k, _, fut, e in self._heap if k <= key and not fut.done())
+        return ahead / max(1, self._capacity())
 
     @asynccontextmanager
     async def turn(self, expected_s: float) -> AsyncIterator[None]:
@@ -65,7 +75,8 @@ class PrefillQueue:
             return
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        heapq.heappush(self._heap, (loop.time() + max(0.0, expected_s), next(self._seq), fut))
+        expected_s = max(0.0, expected_s)
+        heapq.heappush(self._heap, (loop.time() + expected_s, next(self._seq), fut, expected_s))
         self._waiting += 1
         self._changed()
         try:
@@ -83,7 +94,7 @@ class PrefillQueue:
         self.running -= 1
         # Wake the next waiters while places are free; with no instance left, all of them.
         while self._heap and (self.running < capacity or capacity <= 0):
-            _, _, fut = heapq.heappop(self._heap)
+            _, _, fut, _ = heapq.heappop(self._heap)
             if fut.done():  # cancelled while waiting: already uncounted
                 continue
             fut.set_result(None)

@@ -145,11 +145,13 @@ def priors(candidates: Sequence[Candidate],
 
 
 def open_hop(prefill: Sequence[Candidate], request: RequestInfo, from_tokens: int,
-             local_when_slower: bool = False) -> Hop:
+             local_when_slower: bool = False, queued_s: float = 0.0) -> Hop:
     """The hop ``prefill`` offers ``request``: when the best of them (its queue, and the
-    part of the prompt it does not hold) would have computed the prompt."""
+    part of the prompt it does not hold) would have computed the prompt, after
+    ``queued_s`` in the gateway's prefill queue."""
     prior = priors(prefill)
     best = min(prefill, key=lambda c: first_token_seconds(c, request, prior))
-    return Hop(from_tokens=from_tokens, seconds=first_token_seconds(best, request, prior),
+    return Hop(from_tokens=from_tokens,
+               seconds=queued_s + first_token_seconds(best, request, prior),
                uncached=max(0, request.uncached_tokens(best.engine_id) or 0), rate=prior[0],
                local_when_slower=local_when_slower)

@@ -97,3 +97,28 @@ def test_prefill_hops_wait_at_the_gateway_and_go_shortest_first(tiny_model: Path
             assert s.prefill.peak == 1
             assert s.metric("disagg_prefill_queue_waiting") == 0
             assert s.metric("disagg_prefill_queue_running") == 0
+
+
+def test_prefill_instances_pinned_to_the_same_cores_run_one_hop_between_them(tiny_model: Path):
+    """The prefill queue's places: one per prefill instance, but instances pinned to the
+    same cores of one host are one (a second hop would only time-share those cores), and
+    each gateway worker takes its share."""
+    with stack(tiny_model) as s:
+        g = s.gateway
+        pool = g.pool
+        first = pool.members["prefill-0"].info
+        pool.add("prefill-1", first.model_copy(update={"engine_id": "fake-prefill-b",
+                                                       "index": 1}))
+        members = [pool.members["prefill-0"], pool.members["prefill-1"]]
+
+        def pin(*cores: list[int]) -> int:
+            for m, c in zip(members, cores, strict=True):
+                m.info = m.info.model_copy(update={"cpu_cores": c})
+            return g._prefill_places()
+
+        assert pin([], []) == 2  # not pinned (GPUs): one each
+        assert pin([0], [0]) == 1  # both on core 0
+        assert pin([0], [1]) == 2
+        g._workers = 2
+        assert pin([0], [1]) == 1  # two workers: one place each
+        assert pin([0], [0]) == 1  # never none while an instance is up

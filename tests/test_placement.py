@@ -88,6 +88,12 @@ def test_environment_folds_cores_onto_a_smaller_node(tmp_path, monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     env = _env(tmp_path, [2, 3], 2)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    # What the instance reports (InstanceInfo.cpu_cores): the gateway counts instances
+    # pinned to the same cores as one place in its prefill queue.
+    spec = InstanceSpec(role="prefill", index=0, model_path="unused", served_model_name="m",
+                        engine=EngineArgs(), transfer=TransferConfig(), log_dir=str(tmp_path),
+                        cpu_cores=[2, 3, 5])
+    assert VLLMProcess(spec).pinned_cores() == [0, 1]
     env = _env(tmp_path, [0, 2], 2)  # both fold onto core 0: the ranks share it
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|0"
     assert env["DISAGG_CPU_AFFINITY"] == "0"

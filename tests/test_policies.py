@@ -199,6 +199,18 @@ def test_open_hop_is_the_best_prefill_instance():
         (pytest.approx(1.0), 1000, 1000.0, 256)
     prefill[1].pending_tokens = 500  # p1: 0.5 s queued, then 1 s; p0 still 2 s
     assert open_hop(prefill, info, 256).seconds == pytest.approx(1.5)
+    # Hops waiting in the gateway's prefill queue ahead of this one come first.
+    assert open_hop(prefill, info, 256, queued_s=2.0).seconds == pytest.approx(3.5)
+
+
+def test_prefill_seconds_is_the_uncached_part_at_the_holders_rate():
+    """What the gateway's prefill queue orders hops by: queues aside, the best instance."""
+    kv = KVAware()
+    prefill = [Candidate("p0", "u", prefill_rate=1000.0, pending_tokens=9000),
+               Candidate("p1", "u", prefill_rate=500.0)]
+    info = RequestInfo("r", prompt_tokens=1200, cached_tokens={"p0": 1000})
+    assert kv.prefill_seconds(prefill, info) == pytest.approx(0.2)  # p0: 200 / 1000
+    assert kv.prefill_seconds(prefill, RequestInfo("r")) is None  # not tokenized
 
 
 def test_a_decoder_holding_the_prefix_prefills_when_the_hop_is_slower():

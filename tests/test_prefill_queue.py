@@ -117,3 +117,22 @@ def test_no_capacity_means_no_waiting_and_an_emptied_pool_wakes_everyone():
         assert (queue.running, queue.waiting) == (0, 0)
         assert changes[-1] == (0, 0) and (1, 2) in changes
     asyncio.run(main())
+
+
+def test_ahead_counts_the_expected_seconds_queued_before_a_newcomer():
+    async def main() -> None:
+        capacity = [1]
+        queue, order, go = PrefillQueue(lambda: capacity[0]), [], asyncio.Event()
+        assert queue.ahead_s(3.0) == 0.0
+        await queue._acquire(0.0)  # one in flight
+        tasks = [asyncio.create_task(_enter(queue, n, s, order, go))
+                 for n, s in (("a", 1.0), ("b", 2.0), ("c", 9.0))]
+        await _settle()
+        assert queue.ahead_s(3.0) == pytest.approx(3.0)  # a and b go first, c after it
+        capacity[0] = 2  # two places: the same work spread over both
+        assert queue.ahead_s(3.0) == pytest.approx(1.5)
+        go.set()
+        queue._release()
+        await asyncio.gather(*tasks)
+        assert order == ["a", "b", "c"]
+    asyncio.run(main())
