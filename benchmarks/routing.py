@@ -225,8 +225,8 @@ def main() -> None:
             "threshold" + ("; local_prefill_when_hop_slower on" if args.hop_slower else "")
             + ("; the gateway's prefill queue off" if args.no_prefill_queue else
                "; the gateway's prefill queue on: kv_aware holds hops beyond one per prefill "
-               "instance, shortest expected prefill first, round_robin estimates none and "
-               "sends them straight on")
+               "compute unit (instances pinned to the same cores are one), shortest expected "
+               "prefill first; round_robin estimates none and sends them straight on")
             + "). Decoder prefix hit: prompt tokens the decoders found in their own "
             "prefix cache (vLLM's counters); predicted: what the gateway's index expected "
             "when routing; prompt computed: tokens prefilled anywhere (prefill and decode "
