@@ -78,7 +78,7 @@ class PrefillQueue:
         expected_s = max(0.0, expected_s)
         heapq.heappush(self._heap, (loop.time() + expected_s, next(self._seq), fut, expected_s))
         self._waiting += 1
-        self._changed()
+        self._wake(capacity)  # places freed by instances that came back go out now
         try:
             await fut
         except asyncio.CancelledError:
@@ -90,9 +90,11 @@ class PrefillQueue:
             raise
 
     def _release(self) -> None:
-        capacity = self._capacity()
         self.running -= 1
-        # Wake the next waiters while places are free; with no instance left, all of them.
+        self._wake(self._capacity())
+
+    def _wake(self, capacity: int) -> None:
+        """Hand free places to the first waiters; with no instance left, wake them all."""
         while self._heap and (self.running < capacity or capacity <= 0):
             _, _, fut, _ = heapq.heappop(self._heap)
             if fut.done():  # cancelled while waiting: already uncounted

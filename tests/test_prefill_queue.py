@@ -136,3 +136,20 @@ def test_ahead_counts_the_expected_seconds_queued_before_a_newcomer():
         await asyncio.gather(*tasks)
         assert order == ["a", "b", "c"]
     asyncio.run(main())
+
+
+def test_places_an_instance_brings_back_go_out_with_the_next_arrival():
+    async def main() -> None:
+        capacity = [1]
+        queue, order, go = PrefillQueue(lambda: capacity[0]), [], asyncio.Event()
+        go.set()
+        await queue._acquire(0.0)  # one in flight, held here throughout
+        first = asyncio.create_task(_enter(queue, "first", 1.0, order, go))
+        await _settle()
+        assert queue.waiting == 1
+        capacity[0] = 3  # two more places: the waiter and a newcomer both go
+        await _enter(queue, "next", 5.0, order, go)
+        await first
+        assert sorted(order) == ["first", "next"]  # both at once
+        assert (queue.running, queue.waiting) == (1, 0)
+    asyncio.run(main())
