@@ -551,12 +551,13 @@ class Gateway:
         """Run the prefill hop on an instance ``decoder`` can pull from, through the
         prefill queue where there is one (``disagg.prefill_queue``); None means the decoder
         prefills locally."""
-        pairable = {m.key for m in self._pairable(decoder)}
-        if not pairable:  # went down since the decision
+        members = self._pairable(decoder)
+        if not members:  # went down since the decision
             return None
+        pairable = {m.key for m in members}
         queue = self.prefill_queue
         expected = None if queue is None else self.prefill_policy.prefill_seconds(
-            [m.candidate for m in self.pool.available("prefill") if m.key in pairable], info)
+            [m.candidate for m in members], info)
         if queue is None or expected is None:
             return await self._prefill_on(path, body, info, pairable)
         async with queue.turn(expected):
